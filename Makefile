@@ -1,0 +1,39 @@
+# One venv for everything; torch is installed first so that nothing pulls a CUDA build by accident.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+WORK ?= build
+
+.PHONY: setup proto test lint demo clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(BIN)/.installed: $(BIN)/python pyproject.toml
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA GPU found: installing the default (CUDA) torch build"; $(BIN)/pip install -q torch; \
+	else \
+	  echo "no CUDA GPU: installing the CPU build $(TORCH_CPU)"; $(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip freeze | grep -i '^torch==' > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e '.[test]'
+	touch $@
+
+proto: setup
+	$(BIN)/python -m common.protogen
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	$(BIN)/python -m common.demo --work $(WORK)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache
