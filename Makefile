@@ -27,13 +27,14 @@ proto: setup
 	$(BIN)/python -m common.protogen
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
 
 demo: setup
-	$(BIN)/python -m common.demo --work $(WORK)
+	$(BIN)/python scripts/demo.py --work $(WORK)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
