@@ -1,0 +1,349 @@
+"""Server-side sessions: the `SessionStore` interface, its SQLite implementation, and per-session
+exclusivity (`SessionLocks`).
+
+A session is a conversation the server keeps for the client, who then sends only the new message.
+The server appends a turn (the new user message(s) and the answer) only when the answer completes,
+in one transaction, so a session never holds half a turn. The store also keeps the summary cache
+of the `summarize` strategy (server/context.py `SummaryCache.to_dict()`).
+
+`SQLiteSessionStore` keeps everything in one file in WAL mode with `synchronous=FULL`: a turn
+whose `append_turn` returned is on disk and survives a `kill -9` or a power cut. One connection
+behind a lock serves all threads (the gRPC front calls it through `asyncio.to_thread`); SQLite
+serializes writers anyway and a turn is a few small rows. The schema is versioned with
+`PRAGMA user_version`; a file from a newer Switchboard is refused rather than misread.
+
+Several replicas need a shared store instead (PostgreSQL or Redis) behind the same protocol; a
+replica-wide lock then replaces `SessionLocks` (see the README's Sessions section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from common.conversation import Message
+from server.errors import FailedPreconditionError, InvalidArgumentError, SessionBusyError
+
+SCHEMA_VERSION = 1
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+_SCHEMA_V1 = (
+    """CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        turns INTEGER NOT NULL DEFAULT 0,
+        summary TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX sessions_by_updated ON sessions(updated)",
+    """CREATE TABLE messages (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        turn INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID""",
+)
+# Migrations from version N-1 to N, applied in order inside one transaction.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}
+
+
+def validate_session_id(session_id: str) -> str:
+    """The id itself, or InvalidArgumentError: 1-128 characters of [A-Za-z0-9._:@-]."""
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidArgumentError(
+            f"session id must be 1-128 characters of letters, digits and . _ : @ - starting with "
+            f"a letter or digit, got {session_id!r}")
+    return session_id
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    created: float  # Unix seconds
+    updated: float
+    turns: int
+    message_count: int
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    messages: list[Message]
+    summary_cache: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+    turns: int = 0
+
+
+class SessionStore(Protocol):
+    """What the server needs from a session store. Every method is blocking and thread-safe;
+    times are Unix seconds. Expired sessions behave as absent."""
+
+    def get(self, session_id: str) -> Session | None: ...
+
+    def ensure(self, session_id: str) -> SessionInfo:
+        """The session, created empty if it does not exist."""
+        ...
+
+    def append_turn(self, session_id: str, new_messages: Sequence[Message],
+                    summary_cache: dict[str, Any] | None = None) -> SessionInfo:
+        """Append one turn atomically (all its messages, and the summary cache if given, or
+        nothing), creating the session if needed; may evict the least recently updated
+        sessions past the store's cap."""
+        ...
+
+    def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool: ...
+
+    def list(self, limit: int = 100) -> list[SessionInfo]:
+        """The most recently updated sessions first."""
+        ...
+
+    def delete(self, session_id: str) -> bool: ...
+
+    def count(self) -> int: ...
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete sessions idle past the time-to-live; returns how many went."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    ttl_seconds: float = 0.0  # 0 = sessions never expire
+    max_sessions: int = 0  # 0 = no cap; past it the least recently updated session is removed
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds < 0:
+            raise ValueError(f"ttl_seconds must be >= 0 (0 = no expiry), got {self.ttl_seconds}")
+        if self.max_sessions < 0:
+            raise ValueError(f"max_sessions must be >= 0 (0 = no cap), got {self.max_sessions}")
+
+
+class SQLiteSessionStore:
+    """`SessionStore` in one SQLite file (WAL, synchronous=FULL), shared by threads via a lock."""
+
+    def __init__(self, path: str | Path, ttl_seconds: float = 0.0, max_sessions: int = 0, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = SessionSettings(ttl_seconds, max_sessions)
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
+        # holds the write lock from its start and a turn commits as one unit.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=10.0)
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise FailedPreconditionError(f"cannot open session database {self.path}: {e}") from e
+
+    def _configure(self) -> None:
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.DatabaseError(f"journal_mode WAL refused (got {mode})")
+        self._db.execute("PRAGMA synchronous=FULL")  # a turn acknowledged is a turn on disk
+        self._db.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate(self) -> None:
+        with self._transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise FailedPreconditionError(
+                    f"session database {self.path} has schema version {version}; this server "
+                    f"understands up to {SCHEMA_VERSION}")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool = True) -> Any:
+        """One transaction under the lock: IMMEDIATE takes the write lock up front, a read gets
+        a consistent snapshot across its statements."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _cutoff(self, now: float) -> float:
+        """Sessions updated before this instant have expired (-inf when nothing expires)."""
+        ttl = self.settings.ttl_seconds
+        return now - ttl if ttl else float("-inf")
+
+    def _info(self, db: sqlite3.Connection, session_id: str) -> SessionInfo | None:
+        row = db.execute(
+            "SELECT s.id, s.created, s.updated, s.turns, "
+            "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) "
+            "FROM sessions s WHERE s.id = ? AND s.updated >= ?",
+            (session_id, self._cutoff(self._clock()))).fetchone()
+        return SessionInfo(*row) if row else None
+
+    def get(self, session_id: str) -> Session | None:
+        with self._transaction(write=False) as db:
+            row = db.execute(
+                "SELECT created, updated, turns, summary FROM sessions WHERE id = ? "
+                "AND updated >= ?", (session_id, self._cutoff(self._clock()))).fetchone()
+            if row is None:
+                return None
+            messages = [Message(role, content) for role, content in db.execute(
+                "SELECT role, content FROM messages WHERE session_id = ? ORDER BY seq",
+                (session_id,))]
+        created, updated, turns, summary = row
+        return Session(session_id, messages, json.loads(summary), created, updated, turns)
+
+    def ensure(self, session_id: str) -> SessionInfo:
+        validate_session_id(session_id)
+        with self._transaction() as db:
+            self._create_or_revive(db, session_id, self._clock())
+            info = self._info(db, session_id)
+        assert info is not None
+        return info
+
+    def _create_or_revive(self, db: sqlite3.Connection, session_id: str, now: float) -> bool:
+        """Create the session if absent; an expired one is replaced by an empty one. Returns
+        whether a session was created."""
+        db.execute("DELETE FROM sessions WHERE id = ? AND updated < ?",
+                   (session_id, self._cutoff(now)))
+        created = db.execute(
+            "INSERT INTO sessions (id, created, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO NOTHING", (session_id, now, now)).rowcount == 1
+        if created:
+            self._enforce_cap(db, keep=session_id)
+        return created
+
+    def _enforce_cap(self, db: sqlite3.Connection, keep: str) -> None:
+        cap = self.settings.max_sessions
+        if cap:
+            db.execute(
+                "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE id != ? "
+                "ORDER BY updated DESC LIMIT -1 OFFSET ?)", (keep, cap - 1))
+
+    def append_turn(self, session_id: str, new_messages: Sequence[Message],
+                    summary_cache: dict[str, Any] | None = None) -> SessionInfo:
+        validate_session_id(session_id)
+        if not new_messages:
+            raise InvalidArgumentError("a turn needs at least one message")
+        with self._transaction() as db:
+            now = self._clock()
+            self._create_or_revive(db, session_id, now)
+            seq, turn = db.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1, (SELECT turns FROM sessions WHERE id = ?) "
+                "FROM messages WHERE session_id = ?", (session_id, session_id)).fetchone()
+            db.executemany(
+                "INSERT INTO messages (session_id, seq, turn, role, content) VALUES (?,?,?,?,?)",
+                [(session_id, seq + i, turn, m.role, m.content)
+                 for i, m in enumerate(new_messages)])
+            db.execute("UPDATE sessions SET updated = MAX(updated, ?), turns = turns + 1 "
+                       "WHERE id = ?", (now, session_id))
+            if summary_cache is not None:
+                db.execute("UPDATE sessions SET summary = ? WHERE id = ?",
+                           (json.dumps(summary_cache), session_id))
+            info = self._info(db, session_id)
+        assert info is not None
+        return info
+
+    def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool:
+        """Store the summarize strategy's cache; does not count as activity (no `updated` bump)."""
+        with self._transaction() as db:
+            return db.execute("UPDATE sessions SET summary = ? WHERE id = ? AND updated >= ?",
+                              (json.dumps(summary_cache), session_id,
+                               self._cutoff(self._clock()))).rowcount == 1
+
+    def list(self, limit: int = 100) -> list[SessionInfo]:
+        if limit <= 0:
+            raise InvalidArgumentError(f"limit must be positive, got {limit}")
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT s.id, s.created, s.updated, s.turns, "
+                "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) "
+                "FROM sessions s WHERE s.updated >= ? ORDER BY s.updated DESC, s.id LIMIT ?",
+                (self._cutoff(self._clock()), limit)).fetchall()
+        return [SessionInfo(*row) for row in rows]
+
+    def delete(self, session_id: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 1
+
+    def count(self) -> int:
+        with self._transaction(write=False) as db:
+            return db.execute("SELECT COUNT(*) FROM sessions WHERE updated >= ?",
+                              (self._cutoff(self._clock()),)).fetchone()[0]
+
+    def purge_expired(self, now: float | None = None) -> int:
+        if not self.settings.ttl_seconds:
+            return 0
+        cutoff = self._cutoff(self._clock() if now is None else now)
+        with self._transaction() as db:
+            return db.execute("DELETE FROM sessions WHERE updated < ?", (cutoff,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SessionLocks:
+    """One request at a time per session, for one asyncio event loop.
+
+    `acquire(id)` fails fast by default: a second request on a busy session gets SessionBusyError
+    (ABORTED at the edge, gRPC's code for a concurrency conflict the client may retry), because
+    queueing it would build its prompt from a history that is about to change under it. A caller
+    may instead wait up to `wait_s` seconds for the session to free up.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Sessions with a holder or a waiter (entries are removed when the last one leaves)."""
+        return len(self._locks)
+
+    def busy(self, session_id: str) -> bool:
+        lock = self._locks.get(session_id)
+        return lock is not None and lock.locked()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, session_id: str, wait_s: float = 0.0) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        self._users[session_id] = self._users.get(session_id, 0) + 1
+        try:
+            await self._take(lock, session_id, wait_s)
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._users[session_id] -= 1
+            if not self._users[session_id]:
+                del self._users[session_id], self._locks[session_id]
+
+    @staticmethod
+    async def _take(lock: asyncio.Lock, session_id: str, wait_s: float) -> None:
+        busy = SessionBusyError(f"session {session_id!r} is busy with another request; retry "
+                                f"when it completes")
+        if lock.locked() and wait_s <= 0:
+            raise busy
+        try:
+            await asyncio.wait_for(lock.acquire(), wait_s if wait_s > 0 else None)
+        except TimeoutError:
+            raise busy from None

@@ -1,0 +1,320 @@
+"""The SQLite session store (real files, real threads, a real SIGKILL) and per-session locks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.conversation import Message
+from server.errors import FailedPreconditionError, InvalidArgumentError, SessionBusyError
+from server.sessions import (
+    SCHEMA_VERSION,
+    SessionLocks,
+    SessionStore,
+    SQLiteSessionStore,
+)
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def turn(i: int) -> list[Message]:
+    return [Message("user", f"question {i} 😀"), Message("assistant", f"answer {i} 日本")]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock):
+    s = SQLiteSessionStore(tmp_path / "sessions.db", clock=clock)
+    yield s
+    s.close()
+
+
+def test_it_implements_the_protocol(store):
+    assert isinstance(store, SQLiteSessionStore)
+    typed: SessionStore = store  # a static check as much as a runtime one
+    assert typed.count() == 0
+
+
+def test_turns_round_trip_in_order(store, clock):
+    assert store.get("s1") is None
+    store.append_turn("s1", turn(0))
+    clock.now += 5
+    info = store.append_turn("s1", [Message("system", "be brief"), *turn(1)])
+    assert (info.turns, info.message_count, info.updated - info.created) == (2, 5, 5)
+    session = store.get("s1")
+    assert session.messages == [*turn(0), Message("system", "be brief"), *turn(1)]
+    assert (session.turns, session.created, session.updated) == (2, 1_000_000.0, 1_000_005.0)
+    assert session.summary_cache == {}
+
+
+def test_ensure_creates_an_empty_session_once(store, clock):
+    assert store.ensure("fresh").message_count == 0
+    store.append_turn("fresh", turn(0))
+    clock.now += 1
+    assert store.ensure("fresh").message_count == 2
+    assert store.get("fresh").updated == 1_000_000.0  # ensure is not activity
+
+
+@pytest.mark.parametrize("bad", ["", " x", "a/b", "x" * 129, "ünï", "-leading"])
+def test_session_ids_are_validated(store, bad):
+    with pytest.raises(InvalidArgumentError, match="session id"):
+        store.append_turn(bad, turn(0))
+
+
+def test_an_empty_turn_is_refused(store):
+    with pytest.raises(InvalidArgumentError, match="at least one message"):
+        store.append_turn("s", [])
+
+
+def test_summary_cache_is_stored(store):
+    assert store.set_summary("nobody", {"covered": 2}) is False
+    store.append_turn("s", turn(0))
+    assert store.set_summary("s", {"covered": 2, "digest": "ab", "summary": "sum"}) is True
+    assert store.get("s").summary_cache == {"covered": 2, "digest": "ab", "summary": "sum"}
+    store.append_turn("s", turn(1), summary_cache={"covered": 4})  # in the turn's transaction
+    assert store.get("s").summary_cache == {"covered": 4}
+
+
+def test_list_count_and_delete(store, clock):
+    for i in range(5):
+        clock.now += 1
+        store.append_turn(f"s{i}", turn(i))
+    clock.now += 1
+    store.append_turn("s1", turn(9))
+    assert [info.id for info in store.list(limit=3)] == ["s1", "s4", "s3"]
+    assert store.count() == 5
+    assert store.delete("s1") is True and store.delete("s1") is False
+    assert store.get("s1") is None and store.count() == 4
+    with pytest.raises(InvalidArgumentError):
+        store.list(limit=0)
+    orphans = sqlite3.connect(store.path).execute(
+        "SELECT COUNT(*) FROM messages WHERE session_id = 's1'").fetchone()[0]
+    assert orphans == 0
+
+
+def test_sessions_expire_after_their_ttl(tmp_path, clock):
+    store = SQLiteSessionStore(tmp_path / "ttl.db", ttl_seconds=60, clock=clock)
+    store.append_turn("old", turn(0))
+    clock.now += 30
+    store.append_turn("new", turn(0))
+    clock.now += 45  # "old" idle 75 s, "new" 45 s
+    assert store.get("old") is None and store.get("new") is not None
+    assert store.count() == 1 and [i.id for i in store.list()] == ["new"]
+    assert store.set_summary("old", {}) is False
+    assert store.purge_expired() == 1
+    assert store.purge_expired(now=clock.now + 3600) == 1
+    store.append_turn("new", turn(1))  # expired, so the turn starts a fresh session
+    assert store.get("new").messages == turn(1)
+    store.close()
+
+
+def test_max_sessions_evicts_the_least_recently_updated(tmp_path, clock):
+    store = SQLiteSessionStore(tmp_path / "cap.db", max_sessions=2, clock=clock)
+    for name in ("a", "b"):
+        clock.now += 1
+        store.append_turn(name, turn(0))
+    clock.now += 1
+    store.append_turn("a", turn(1))  # "b" is now the least recently updated
+    clock.now += 1
+    store.append_turn("c", turn(0))
+    assert sorted(i.id for i in store.list()) == ["a", "c"] and store.count() == 2
+    store.close()
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        SQLiteSessionStore(tmp_path / "x.db", ttl_seconds=-1)
+    with pytest.raises(ValueError, match="max_sessions"):
+        SQLiteSessionStore(tmp_path / "x.db", max_sessions=-2)
+
+
+def test_reopen_keeps_everything_and_the_file_is_durable(tmp_path):
+    path = tmp_path / "sub" / "s.db"
+    first = SQLiteSessionStore(path)
+    first.append_turn("s", turn(0))
+    assert first._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert first._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    first.close()
+    second = SQLiteSessionStore(path)
+    assert second.get("s").messages == turn(0)
+    assert second._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    second.close()
+
+
+def test_newer_schema_and_garbage_are_refused(tmp_path):
+    newer = tmp_path / "newer.db"
+    sqlite3.connect(newer).execute("PRAGMA user_version=99").connection.close()
+    with pytest.raises(FailedPreconditionError, match="schema version 99"):
+        SQLiteSessionStore(newer)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(FailedPreconditionError, match="cannot open session database"):
+        SQLiteSessionStore(garbage)
+
+
+def test_a_failing_turn_leaves_the_session_as_it_was(store):
+    store.append_turn("s", turn(0))
+    broken = [Message("user", "kept?"), Message("assistant", None)]  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.append_turn("s", broken)
+    session = store.get("s")
+    assert session.messages == turn(0) and session.turns == 1
+
+
+def test_many_threads_never_interleave_a_turn(store):
+    def writer(w: int) -> None:
+        for i in range(15):
+            store.append_turn("shared", [Message("user", f"{w}:{i}"),
+                                         Message("assistant", f"{w}:{i}")])
+            store.get("shared")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    messages = store.get("shared").messages
+    assert len(messages) == 6 * 15 * 2
+    for question, answer in zip(messages[::2], messages[1::2], strict=True):
+        assert (question.role, answer.role) == ("user", "assistant")
+        assert question.content == answer.content
+
+
+# --- SIGKILL mid-write ------------------------------------------------------------------------
+
+WRITER = """
+import sys
+from common.conversation import Message
+from server.sessions import SQLiteSessionStore
+
+store = SQLiteSessionStore(sys.argv[1])
+prefix, i = sys.argv[2], 0
+while True:
+    store.append_turn(f"{prefix}-{i % 3}", [
+        Message("user", f"q{i} " + "x" * 3000),
+        Message("assistant", f"a{i} " + "y" * 5000),
+    ])
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def run_and_kill(path: Path, prefix: str, acknowledged: int) -> int:
+    """Start a writer, SIGKILL it after `acknowledged` committed turns; returns the last ack."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), prefix],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    last, deadline = -1, time.monotonic() + 60
+    try:
+        while last + 1 < acknowledged and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            last = int(line)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-way through the next turn, most likely
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL and last + 1 >= acknowledged
+    return last
+
+
+def test_sigkill_mid_turn_loses_no_committed_turn_and_leaves_no_partial_one(tmp_path):
+    path = tmp_path / "crash.db"
+    acks = {prefix: run_and_kill(path, prefix, acknowledged=25) for prefix in ("r1", "r2")}
+    store = SQLiteSessionStore(path)
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for prefix, last in acks.items():
+        seen = []
+        for k in range(3):
+            messages = store.get(f"{prefix}-{k}").messages
+            assert len(messages) % 2 == 0  # whole turns only
+            for question, answer in zip(messages[::2], messages[1::2], strict=True):
+                i = int(question.content.split()[0][1:])
+                assert question.content == f"q{i} " + "x" * 3000
+                assert answer.content == f"a{i} " + "y" * 5000
+                seen.append(i)
+        # every acknowledged turn is there, plus at most the one committed as the kill landed
+        assert sorted(seen) == list(range(len(seen))) and len(seen) - 1 in (last, last + 1)
+    store.close()
+
+
+# --- per-session locks ------------------------------------------------------------------------
+
+
+def test_a_busy_session_answers_busy_and_others_proceed():
+    async def scenario() -> None:
+        locks = SessionLocks()
+        async with locks.acquire("s"):
+            assert locks.busy("s")
+            with pytest.raises(SessionBusyError, match="'s' is busy"):
+                async with locks.acquire("s"):
+                    pass
+            async with locks.acquire("other"):
+                assert len(locks) == 2
+        assert len(locks) == 0 and not locks.busy("s")
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_runs_after_the_holder_or_times_out():
+    async def scenario() -> None:
+        locks, order = SessionLocks(), []
+
+        async def holder() -> None:
+            async with locks.acquire("s"):
+                order.append("holder in")
+                await asyncio.sleep(0.05)
+                order.append("holder out")
+
+        async def waiter() -> None:
+            await asyncio.sleep(0.01)
+            async with locks.acquire("s", wait_s=5):
+                order.append("waiter in")
+
+        await asyncio.gather(holder(), waiter())
+        assert order == ["holder in", "holder out", "waiter in"]
+        async with locks.acquire("s"):
+            with pytest.raises(SessionBusyError):
+                async with locks.acquire("s", wait_s=0.02):
+                    pass
+        assert len(locks) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_holder_releases_the_session():
+    async def scenario() -> None:
+        locks, entered = SessionLocks(), asyncio.Event()
+
+        async def request() -> None:
+            async with locks.acquire("s"):
+                entered.set()
+                await asyncio.sleep(10)
+
+        task = asyncio.create_task(request())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not locks.busy("s") and len(locks) == 0
+
+    asyncio.run(scenario())
