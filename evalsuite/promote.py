@@ -1,0 +1,107 @@
+"""Promotion: move an alias to a candidate only when a report's gate passed for it, and record it.
+
+The eval suite reaches the server only through gRPC, so the record is kept on the client's side:
+one JSON line per promotion appended to `<report dir>/promotions.jsonl` and, when given, to a
+second log (`--record`, for example one shared beside the adapters root).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class PromotionRefused(Exception):
+    """The report does not allow this promotion; the message says why."""
+
+
+class AliasSetter(Protocol):
+    def set_alias(self, alias: str, target: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    alias: str
+    target: str
+    previous: str
+    who: str
+    when: str
+    report: str
+    report_sha256: str
+    server: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_report(report_dir: Path) -> tuple[dict[str, Any], str]:
+    """The parsed report.json and its sha256 (so the record names exactly what was read)."""
+    path = Path(report_dir) / "report.json"
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PromotionRefused(f"{path}: cannot read the report: {err.strerror}") from None
+    try:
+        return json.loads(raw), hashlib.sha256(raw).hexdigest()
+    except json.JSONDecodeError as err:
+        raise PromotionRefused(f"{path}: not valid JSON: {err}") from None
+
+
+def check_report(report: Mapping[str, Any], candidate: str) -> str:
+    """The candidate's resolved "name@version" if the report's gate passed for it; else refuse.
+
+    `candidate` must name an exact version, and it must be one the report evaluated (by its
+    resolved key or by what was requested).
+    """
+    if "@" not in candidate:
+        raise PromotionRefused(f"candidate must be NAME@VERSION, got {candidate!r}")
+    keys = {a["key"]: a["key"] for a in report.get("adapters", [])}
+    keys.update({a["requested"]: a["key"] for a in report.get("adapters", [])})
+    key = keys.get(candidate)
+    if key is None or key not in report.get("candidates", []):
+        evaluated = ", ".join(report.get("candidates", [])) or "none"
+        raise PromotionRefused(f"{candidate} is not a candidate in this report (candidates: "
+                               f"{evaluated})")
+    if key != candidate:
+        raise PromotionRefused(f"{candidate} was evaluated as {key}; promote exactly that version")
+    gate = report.get("gate")
+    if not gate:
+        raise PromotionRefused("the report was made without a gate file; nothing was checked")
+    result = gate.get("results", {}).get(key)
+    if not result or not result.get("passed"):
+        failed = [f"{c['metric']}.{c['limit']} ({c['reason']})"
+                  for c in (result or {}).get("checks", []) if not c.get("passed")]
+        raise PromotionRefused(f"the gate failed for {key}: {'; '.join(failed) or 'no result'}")
+    return key
+
+
+def append_record(path: Path, record: PromotionRecord) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
+
+
+def promote(client: AliasSetter, *, alias: str, candidate: str, report_dir: Path, server: str,
+            record: Path | None = None) -> PromotionRecord:
+    """Check the report, move the alias, then append the record to the report dir (and `record`)."""
+    if not alias:
+        raise PromotionRefused("alias must not be empty")
+    report, digest = load_report(report_dir)
+    target = check_report(report, candidate)
+    answer = client.set_alias(alias, target)
+    rec = PromotionRecord(
+        alias=alias, target=target, previous=str(getattr(answer, "previous", "") or ""),
+        who=getpass.getuser(), when=datetime.now(UTC).isoformat(timespec="seconds"),
+        report=str(Path(report_dir).resolve()), report_sha256=digest, server=server,
+    )
+    local = Path(report_dir) / "promotions.jsonl"
+    append_record(local, rec)
+    if record is not None and Path(record).resolve() != local.resolve():
+        append_record(Path(record), rec)
+    return rec
