@@ -1,0 +1,304 @@
+"""The synchronous Python client: deadlines, retries on UNAVAILABLE, streaming as an iterator.
+
+Every call returns a plain dataclass from `clients.types` and raises only
+`clients.errors.SwitchboardRpcError`. A call's `timeout` is one deadline over all its attempts:
+retries never stretch it. A stream is retried only while it has yielded nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+from clients.errors import SwitchboardRpcError
+from clients.types import (
+    AdapterInfo,
+    AliasInfo,
+    ChatChunk,
+    ChatResult,
+    LoadResult,
+    MessagesLike,
+    ScoreResult,
+    Session,
+    SessionInfo,
+    chat_request_pb,
+    score_request_pb,
+)
+
+T = TypeVar("T")
+
+# Only a server that is not there (yet) is worth asking again; every other code is an answer.
+RETRYABLE_CODES = frozenset({"UNAVAILABLE"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: wait n is uniform(0, min(max, initial * mult**n))."""
+
+    retries: int = 3
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if not self.initial_backoff_s > 0:
+            raise ValueError(f"initial_backoff_s must be > 0, got {self.initial_backoff_s!r}")
+        if not self.max_backoff_s >= self.initial_backoff_s:
+            raise ValueError(
+                f"max_backoff_s must be >= initial_backoff_s ({self.initial_backoff_s}), "
+                f"got {self.max_backoff_s!r}"
+            )
+        if not self.multiplier >= 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (0-based)."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        # Full jitter keeps many clients that lost one server from reconnecting in lockstep.
+        return (rng or random).uniform(0.0, cap)
+
+
+class Deadline:
+    """One absolute deadline shared by every attempt of a call; None means no deadline."""
+
+    def __init__(self, timeout: float | None) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+    def allows_wait(self, seconds: float) -> bool:
+        """True when waiting `seconds` still leaves time for another attempt."""
+        left = self.remaining()
+        return left is None or seconds < left
+
+
+def should_retry(err: SwitchboardRpcError, attempt: int, policy: RetryPolicy) -> bool:
+    return err.code in RETRYABLE_CODES and attempt < policy.retries
+
+
+class ChatStream(Iterator[ChatChunk]):
+    """Iterator over the chunks of one streamed answer; stopping early cancels the call.
+
+    Use it in a `with` block, or call `cancel()`, to cancel as soon as the consumer stops;
+    breaking out of a bare `for` loop also cancels once the stream is garbage collected.
+    """
+
+    def __init__(self, chunks: Iterator[ChatChunk]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> ChatChunk:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class SwitchboardClient:
+    """Blocking client for one Switchboard server; use as a context manager or call `close()`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        retries: int = 3,
+        retry_policy: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        self.target = target
+        self.timeout = timeout
+        self.retry_policy = retry_policy or RetryPolicy(retries=retries)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._inference = pb_grpc.InferenceServiceStub(self._channel)
+        self._adapters = pb_grpc.AdapterServiceStub(self._channel)
+        self._sessions = pb_grpc.SessionServiceStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        """Run one unary RPC under one deadline, retrying UNAVAILABLE with backoff."""
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining())
+            except grpc.RpcError as rpc_err:
+                err = SwitchboardRpcError.from_rpc(rpc_err)
+                err.__cause__ = rpc_err
+            wait = self.retry_policy.delay(attempt)
+            if not (should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)):
+                raise err
+            time.sleep(wait)
+            attempt += 1
+
+    def _stream(self, request: pb.ChatRequest, timeout: float | None) -> Iterator[ChatChunk]:
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            call = self._inference.ChatStream(request, timeout=deadline.remaining())
+            yielded = False
+            try:
+                for chunk in call:
+                    yielded = True
+                    yield ChatChunk.from_pb(chunk)
+                return
+            except grpc.RpcError as rpc_err:
+                err = SwitchboardRpcError.from_rpc(rpc_err)
+                err.__cause__ = rpc_err
+            finally:
+                # Runs on GeneratorExit too: the consumer stopped, so the server may stop.
+                call.cancel()
+            wait = self.retry_policy.delay(attempt)
+            retry = should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)
+            if yielded or not retry:
+                raise err
+            time.sleep(wait)
+            attempt += 1
+
+    # ------------------------------------------------------------------ inference
+
+    def chat(
+        self,
+        messages: MessagesLike,
+        *,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        truncation: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> ChatResult:
+        """One complete answer. With `session_id`, send only the new messages."""
+        request = chat_request_pb(
+            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+            stop=stop, truncation=truncation, session_id=session_id,
+        )
+        return ChatResult.from_pb(self._call(self._inference.Chat, request, timeout))
+
+    def chat_stream(
+        self,
+        messages: MessagesLike,
+        *,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        truncation: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> ChatStream:
+        """Stream an answer; the last chunk has `.final` set to the whole ChatResult."""
+        request = chat_request_pb(
+            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+            stop=stop, truncation=truncation, session_id=session_id,
+        )
+        return ChatStream(self._stream(request, timeout))
+
+    def score(
+        self,
+        messages: MessagesLike,
+        continuation: str,
+        *,
+        adapter: str = "",
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        request = score_request_pb(messages, continuation, adapter)
+        return ScoreResult.from_pb(self._call(self._inference.Score, request, timeout))
+
+    # ------------------------------------------------------------------ adapters
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        response = self._call(self._adapters.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return [AdapterInfo.from_pb(a) for a in response.adapters]
+
+    def list_aliases(self, *, timeout: float | None = None) -> list[AliasInfo]:
+        response = self._call(self._adapters.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return [AliasInfo.from_pb(a) for a in response.aliases]
+
+    def load_adapter(self, ref: str, *, timeout: float | None = None) -> LoadResult:
+        request = pb.LoadAdapterRequest(adapter=ref)
+        response = self._call(self._adapters.LoadAdapter, request, timeout)
+        return LoadResult(AdapterInfo.from_pb(response.adapter), response.load_seconds)
+
+    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterInfo:
+        request = pb.UnloadAdapterRequest(adapter=ref)
+        response = self._call(self._adapters.UnloadAdapter, request, timeout)
+        return AdapterInfo.from_pb(response.adapter)
+
+    def set_alias(self, alias: str, target: str, *, timeout: float | None = None) -> AliasInfo:
+        request = pb.SetAliasRequest(alias=alias, target=target)
+        response = self._call(self._adapters.SetAlias, request, timeout)
+        return AliasInfo.from_pb(response.alias, previous=response.previous)
+
+    # ------------------------------------------------------------------ sessions
+
+    def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        request = pb.GetSessionRequest(session_id=session_id)
+        return Session.from_pb(self._call(self._sessions.GetSession, request, timeout))
+
+    def list_sessions(self, *, limit: int = 0, timeout: float | None = None) -> list[SessionInfo]:
+        request = pb.ListSessionsRequest(limit=limit)
+        response = self._call(self._sessions.ListSessions, request, timeout)
+        return [SessionInfo.from_pb(s) for s in response.sessions]
+
+    def delete_session(self, session_id: str, *, timeout: float | None = None) -> bool:
+        request = pb.DeleteSessionRequest(session_id=session_id)
+        return self._call(self._sessions.DeleteSession, request, timeout).deleted
+
+    # ------------------------------------------------------------------ health and lifecycle
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(stub.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SwitchboardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
