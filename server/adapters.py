@@ -1,0 +1,311 @@
+"""Adapter registry: which adapter versions exist on disk, their aliases, and reference resolution.
+
+Resolves "name" | "name@version" | alias to one immutable `<root>/<name>/<version>/` directory.
+A bare "name" means the alias of that name when one exists (so promoting `support -> support@7`
+moves every plain "support" request), otherwise the highest version on disk. Only directories
+below the root are ever returned. Loading weights is the engine's job; this module only reads
+manifests and keeps `<root>/aliases.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.errors import (
+    AdapterLoadError,
+    IncompatibleAdapterError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+ALIASES_FILE = "aliases.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One adapter directory on disk and what its manifest says."""
+
+    name: str
+    version: int
+    path: Path
+    fingerprint: str
+    compatible: bool
+    created: str = ""
+    rank: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Alias:
+    alias: str
+    name: str
+    version: int
+
+    @property
+    def target(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def check_name(value: str, what: str) -> str:
+    """Adapter and alias names: letters, digits, '.', '_', '-'; never a path component trick."""
+    if not _NAME.match(value) or value in (".", "..") or ".." in value:
+        raise InvalidArgumentError(
+            f"{what} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """Split "name" or "name@version" into its parts, rejecting anything path-like."""
+    name, sep, version = ref.partition("@")
+    check_name(name, "adapter name")
+    if not sep:
+        return name, None
+    if not _VERSION.match(version):
+        raise InvalidArgumentError(
+            f"adapter reference {ref!r} has a bad version {version!r}: use name@N with N >= 1"
+        )
+    return name, int(version)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterLoadError(f"{path / 'manifest.json'} is unreadable: {e}") from e
+    if not isinstance(manifest, dict):
+        raise AdapterLoadError(f"{path / 'manifest.json'} is not a JSON object")
+    return manifest
+
+
+def _manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    base = manifest.get("base")
+    return str(base.get("fingerprint", "")) if isinstance(base, dict) else ""
+
+
+def _lora_rank(path: Path) -> int:
+    """The LoRA rank from adapter_config.json, 0 when it cannot be read (listing only)."""
+    try:
+        rank = json.loads((path / "adapter_config.json").read_text()).get("r", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return rank if isinstance(rank, int) else 0
+
+
+class AdapterRegistry:
+    """Thread-safe view of `<root>`; rescans the disk when asked for something it does not know."""
+
+    def __init__(self, root: Path, base_fingerprint: str) -> None:
+        self.root = Path(root).resolve()
+        self.base_fingerprint = base_fingerprint
+        self._lock = threading.RLock()
+        self._versions: dict[str, dict[int, AdapterVersion]] = {}
+        self._problems: dict[str, str] = {}
+        self._aliases: dict[str, Alias] = {}
+        if not self.root.is_dir():
+            raise NotFoundError(f"adapters root {self.root} is not a directory")
+        self.scan()
+
+    # ------------------------------------------------------------------ disk scan
+
+    def _inside_root(self, path: Path) -> bool:
+        """True when `path` (symlinks followed) stays below the root."""
+        try:
+            path.resolve().relative_to(self.root)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _scan_version(self, name: str, entry: Path) -> AdapterVersion | None:
+        key = f"{name}@{int(entry.name)}"
+        if not self._inside_root(entry):
+            self._problems[key] = f"{entry} points outside the adapters root {self.root}"
+            return None
+        missing = [f for f in REQUIRED_FILES if not (entry / f).is_file()
+                   or not self._inside_root(entry / f)]
+        if missing:
+            self._problems[key] = f"{entry} is incomplete: missing {', '.join(missing)}"
+            return None
+        try:
+            manifest = _read_manifest(entry)
+        except AdapterLoadError as e:
+            self._problems[key] = str(e)
+            return None
+        fingerprint = _manifest_fingerprint(manifest)
+        return AdapterVersion(
+            name=name, version=int(entry.name), path=entry.resolve(), fingerprint=fingerprint,
+            compatible=fingerprint == self.base_fingerprint,
+            created=str(manifest.get("created", "")),
+            rank=_lora_rank(entry),
+        )
+
+    def _scan_adapters(self) -> None:
+        versions: dict[str, dict[int, AdapterVersion]] = {}
+        self._problems = {}
+        for adapter_dir in sorted(self.root.iterdir()):
+            if not adapter_dir.is_dir() or not _NAME.match(adapter_dir.name):
+                continue
+            for entry in sorted(adapter_dir.iterdir()):
+                if entry.is_dir() and _VERSION.match(entry.name):
+                    found = self._scan_version(adapter_dir.name, entry)
+                    if found is not None:
+                        versions.setdefault(found.name, {})[found.version] = found
+        new = {f"{n}@{v}" for n in versions for v in versions[n]} - {
+            f"{n}@{v}" for n in self._versions for v in self._versions[n]}
+        if new:
+            log.info("adapters found under %s: %s", self.root, ", ".join(sorted(new)))
+        self._versions = versions
+
+    def _scan_aliases(self) -> None:
+        path = self.root / ALIASES_FILE
+        if not path.exists():
+            self._aliases = {}
+            return
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            # Keep the last good table rather than dropping every alias on a bad edit.
+            log.error("cannot read %s (%s); keeping the previous aliases", path, e)
+            return
+        aliases: dict[str, Alias] = {}
+        for alias, target in (raw.items() if isinstance(raw, dict) else []):
+            try:
+                name, version = parse_ref(str(target))
+                check_name(str(alias), "alias")
+            except InvalidArgumentError as e:
+                log.warning("ignoring alias %r in %s: %s", alias, path, e)
+                continue
+            if version is None:
+                log.warning("ignoring alias %r in %s: target needs a version", alias, path)
+                continue
+            aliases[alias] = Alias(alias, name, version)
+        self._aliases = aliases
+
+    def scan(self) -> None:
+        """Re-read every adapter directory and the alias file."""
+        with self._lock:
+            self._scan_adapters()
+            self._scan_aliases()
+
+    # ------------------------------------------------------------------ lookups
+
+    def _find(self, name: str, version: int | None) -> AdapterVersion | None:
+        if version is None:
+            alias = self._aliases.get(name)
+            if alias is not None:
+                return self._versions.get(alias.name, {}).get(alias.version)
+            versions = self._versions.get(name)
+            return versions[max(versions)] if versions else None
+        return self._versions.get(name, {}).get(version)
+
+    def _known(self) -> str:
+        keys = [v.key for vs in self._versions.values() for v in vs.values()]
+        aliases = [f"{a.alias} -> {a.target}" for a in self._aliases.values()]
+        known = ", ".join(keys) if keys else "none"
+        if aliases:
+            known += "; aliases: " + ", ".join(aliases)
+        return known
+
+    def _not_found(self, ref: str, name: str, version: int | None) -> Exception:
+        key = f"{name}@{version}" if version is not None else None
+        if key in self._problems:
+            return AdapterLoadError(f"adapter {ref!r} cannot be served: {self._problems[key]}")
+        alias = self._aliases.get(name) if version is None else None
+        if alias is not None:
+            return NotFoundError(
+                f"alias {name!r} points to {alias.target}, which is not on disk; "
+                f"adapters available: {self._known()}"
+            )
+        return NotFoundError(f"adapter {ref!r} not found; adapters available: {self._known()}")
+
+    def _check(self, found: AdapterVersion, require_compatible: bool) -> AdapterVersion:
+        if require_compatible and not found.compatible:
+            raise IncompatibleAdapterError(
+                f"adapter {found.key} was trained on base {found.fingerprint or '(none recorded)'}"
+                f" but this server serves base {self.base_fingerprint}"
+            )
+        return found
+
+    def lookup(self, ref: str) -> AdapterVersion | None:
+        """Resolve from memory only (no disk access); None when a rescan would be needed."""
+        name, version = parse_ref(ref)
+        with self._lock:
+            found = self._find(name, version)
+        return self._check(found, True) if found is not None else None
+
+    def resolve(self, ref: str, *, require_compatible: bool = True) -> AdapterVersion:
+        """Resolve a reference to a compatible adapter directory, rescanning once if unknown."""
+        name, version = parse_ref(ref)
+        with self._lock:
+            found = self._find(name, version)
+            if found is None:
+                self.scan()
+                found = self._find(name, version)
+            if found is None:
+                raise self._not_found(ref, name, version)
+        return self._check(found, require_compatible)
+
+    def versions(self) -> list[AdapterVersion]:
+        """Every adapter version on disk (compatible or not), sorted by name then version."""
+        with self._lock:
+            self.scan()
+            return [self._versions[n][v] for n in sorted(self._versions)
+                    for v in sorted(self._versions[n])]
+
+    def aliases(self) -> list[Alias]:
+        with self._lock:
+            return [self._aliases[a] for a in sorted(self._aliases)]
+
+    # ------------------------------------------------------------------ aliases
+
+    def _write_aliases(self, aliases: dict[str, Alias]) -> None:
+        """Write aliases.json so a reader sees the old file or the new one, never half of one."""
+        payload = json.dumps({a: v.target for a, v in sorted(aliases.items())}, indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".aliases.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.root / ALIASES_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def set_alias(self, alias: str, target: str) -> tuple[Alias, str]:
+        """Point `alias` at a concrete version; returns the new alias and the previous target."""
+        check_name(alias, "alias")
+        if not target:
+            raise InvalidArgumentError("target is empty: give name@version (or a name/alias)")
+        resolved = self.resolve(target)
+        with self._lock:
+            self._scan_aliases()
+            previous = self._aliases.get(alias)
+            updated = dict(self._aliases)
+            updated[alias] = Alias(alias, resolved.name, resolved.version)
+            self._write_aliases(updated)
+            self._aliases = updated
+        log.info("alias %s -> %s (was %s)", alias, resolved.key,
+                 previous.target if previous else "unset")
+        return updated[alias], previous.target if previous else ""
+
+    def aliases_of(self, key: str) -> list[str]:
+        with self._lock:
+            return sorted(a.alias for a in self._aliases.values() if a.target == key)

@@ -1,0 +1,107 @@
+"""`switchboard-server serve ...`: parse flags into a ServerConfig, configure logging, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.config import DEVICES, TRUNCATION_STRATEGIES, ServerConfig
+
+DEFAULTS = ServerConfig(base="-", adapters_root=Path("."))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` flags; shared with `switchboard serve`, which execs this CLI."""
+    d = DEFAULTS
+    parser.add_argument("--base", required=True, help="base model directory or hub id")
+    parser.add_argument("--adapters-root", required=True, type=Path,
+                        help="directory holding <name>/<version>/ adapters and aliases.json")
+    parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port,
+                        help=f"port to bind, 0 picks a free one (default {d.port})")
+    parser.add_argument("--device", choices=DEVICES, default=d.device)
+    parser.add_argument("--max-batch", type=int, default=d.max_batch,
+                        help="rows decoded together in one step")
+    parser.add_argument("--max-loaded-adapters", type=int, default=d.max_loaded_adapters,
+                        help="adapters kept in memory; least recently used unpinned ones go first")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="waiting requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    parser.add_argument("--context-length", type=int, default=d.context_length,
+                        help="prompt + answer token limit; 0 = the model's own")
+    parser.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
+    parser.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
+                        help="largest max_new_tokens a request may ask for")
+    parser.add_argument("--default-truncation", choices=TRUNCATION_STRATEGIES,
+                        default=d.default_truncation)
+    parser.add_argument("--summarize-adapter", default=d.summarize_adapter,
+                        help="adapter writing summaries for the summarize strategy ('' = base)")
+    parser.add_argument("--sessions-db", type=Path, default=Path("switchboard-sessions.db"),
+                        help="SQLite file for server-side sessions")
+    parser.add_argument("--no-sessions", action="store_true", help="disable server-side sessions")
+    parser.add_argument("--session-ttl-seconds", type=float, default=d.session_ttl_seconds)
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    parser.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                        help="Prometheus /metrics port; 0 = off")
+    parser.add_argument("--metrics-host", default=d.metrics_host)
+    parser.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds)
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
+        device=args.device, max_batch=args.max_batch,
+        max_loaded_adapters=args.max_loaded_adapters, max_queue=args.max_queue,
+        max_lora_rank=args.max_lora_rank, context_length=args.context_length,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        default_truncation=args.default_truncation,
+        sessions_db=None if args.no_sessions else args.sessions_db,
+        session_ttl_seconds=args.session_ttl_seconds, max_sessions=args.max_sessions,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_json=args.log_json,
+        summarize_adapter=args.summarize_adapter,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve_forever
+    from server.logging_setup import configure_logging
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"switchboard-server: {e}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level.upper(), json_lines=config.log_json)
+    try:
+        serve_forever(config)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        logging.getLogger("server").exception("server failed: %s", e)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchboard-server",
+                                     description="Switchboard multi-LoRA gRPC inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a base model and its adapters over gRPC")
+    add_arguments(serve)
+    serve.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Server settings: one validated dataclass read once in `main` and passed down to every part."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
+
+
+def _require(condition: bool, field: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `switchboard-server serve` can be told; checks ranges and combinations."""
+
+    base: str
+    adapters_root: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    max_batch: int = 16
+    max_loaded_adapters: int = 8
+    max_queue: int = 256
+    max_lora_rank: int = 64
+    # 0 means the model's own context length (max_position_embeddings).
+    context_length: int = 0
+    default_max_new_tokens: int = 128
+    # Upper bound a request may ask for; larger values are refused with INVALID_ARGUMENT.
+    max_new_tokens_limit: int = 4096
+    default_truncation: str = "drop_oldest"
+    # None disables server-side sessions (requests carrying a session id are then refused).
+    sessions_db: Path | None = None
+    session_ttl_seconds: float = 7 * 24 * 3600.0
+    max_sessions: int = 10_000
+    # 0 turns the Prometheus endpoint off.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    log_json: bool = False
+    # Adapter reference used by the summarize strategy; "" means the bare base.
+    summarize_adapter: str = ""
+    # Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.adapters_root = Path(self.adapters_root)
+        if self.sessions_db is not None:
+            self.sessions_db = Path(self.sessions_db)
+        _require(bool(str(self.base).strip()), "base", self.base, "a model directory or hub id")
+        _require(self.host != "", "host", self.host, "a host name or address")
+        _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
+        _require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        self._check_positive("max_batch", "max_loaded_adapters", "max_queue", "max_lora_rank",
+                             "default_max_new_tokens", "max_new_tokens_limit", "max_sessions")
+        _require(self.context_length >= 0, "context_length", self.context_length,
+                 ">= 0 (0 = the model's own)")
+        _require(self.default_max_new_tokens <= self.max_new_tokens_limit,
+                 "default_max_new_tokens", self.default_max_new_tokens,
+                 f"<= max_new_tokens_limit ({self.max_new_tokens_limit})")
+        if self.context_length:
+            _require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
+                     self.default_max_new_tokens, f"< context_length ({self.context_length})")
+        _require(self.default_truncation in TRUNCATION_STRATEGIES, "default_truncation",
+                 self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
+        _require(math.isfinite(self.session_ttl_seconds) and self.session_ttl_seconds > 0,
+                 "session_ttl_seconds", self.session_ttl_seconds, "a positive number of seconds")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+                 "in 0..65535 (0 = off)")
+        _require(self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port",
+                 self.metrics_port, f"different from port ({self.port})")
+        _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds",
+                 self.shutdown_grace_seconds, ">= 0")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, value, "a positive integer")
+
+    @property
+    def address(self) -> str:
+        """The host:port string grpc binds; IPv6 literals get brackets."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"

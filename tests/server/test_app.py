@@ -1,0 +1,172 @@
+"""Process wiring: health, reflection, config validation, the CLI and graceful shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+from server.app import RunningServer, start_in_thread
+from server.cli import build_parser, config_from_args
+from server.config import ServerConfig
+
+SERVICES = {"switchboard.v1.InferenceService", "switchboard.v1.AdapterService",
+            "switchboard.v1.SessionService"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base: Path, adapters_root: Path) -> Iterator[RunningServer]:
+    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root,
+                                           port=0, device="cpu", shutdown_grace_seconds=0.5))
+    yield running
+    running.stop()
+
+
+def test_health_is_serving_for_every_service(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", *SERVICES):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+def test_reflection_lists_the_services(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert SERVICES <= names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_port_zero_binds_a_free_port_and_stop_is_graceful(
+        tiny_base: Path, adapters_root: Path) -> None:
+    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root,
+                                           port=0, device="cpu", shutdown_grace_seconds=0.2))
+    assert running.port > 0 and running.metrics_port == 0
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.AdapterServiceStub(channel)
+        assert stub.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters
+    running.stop()
+    with grpc.insecure_channel(running.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.AdapterServiceStub(channel).ListAdapters(pb.ListAdaptersRequest(), timeout=2)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_not_serving_until_the_base_is_loaded(tiny_base: Path, adapters_root: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    import server.app as app
+
+    gate = threading.Event()
+    real_load = app.load_base
+
+    def gated_load(*args, **kwargs):  # the real load, held back until the test has looked
+        gate.wait(60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(app, "load_base", gated_load)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ServerConfig(base=str(tiny_base), adapters_root=adapters_root, port=port,
+                          device="cpu", shutdown_grace_seconds=0.2)
+    started: dict[str, RunningServer] = {}
+    thread = threading.Thread(target=lambda: started.update(s=start_in_thread(config)))
+    thread.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="switchboard.v1.InferenceService")
+            status = health.Check(request, timeout=30, wait_for_ready=True).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.InferenceServiceStub(channel).Chat(
+                    pb.ChatRequest(messages=[pb.Message(role="user", content="hi")]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in info.value.details()
+            gate.set()
+            thread.join(120)
+            status = health.Check(request, timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        thread.join(120)
+        if "s" in started:
+            started["s"].stop()
+
+
+def test_bad_base_fails_start_with_its_error(adapters_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="did not start"):
+        start_in_thread(ServerConfig(base=str(tmp_path / "missing"), adapters_root=adapters_root,
+                                     port=0, device="cpu", shutdown_grace_seconds=0.1))
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("port", 70000, "port"), ("device", "tpu", "device"), ("max_batch", 0, "max_batch"),
+    ("max_queue", -1, "max_queue"), ("default_truncation", "shred", "default_truncation"),
+    ("default_max_new_tokens", 10_000, "default_max_new_tokens"),
+    ("session_ttl_seconds", 0, "session_ttl_seconds"), ("base", "", "base"),
+])
+def test_config_validates_each_field(tmp_path: Path, field: str, value: object,
+                                     phrase: str) -> None:
+    kwargs = {"base": "tiny", "adapters_root": tmp_path, field: value}
+    with pytest.raises(ValueError, match=phrase) as info:
+        ServerConfig(**kwargs)
+    assert repr(value) in str(info.value)
+
+
+def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args([
+        "serve", "--base", "tiny", "--adapters-root", str(tmp_path), "--port", "0",
+        "--device", "cpu", "--max-batch", "4", "--max-loaded-adapters", "3", "--max-queue", "9",
+        "--default-truncation", "middle_out", "--no-sessions", "--metrics-port", "9100",
+    ])
+    config = config_from_args(args)
+    assert (config.port, config.device, config.max_batch, config.max_loaded_adapters,
+            config.max_queue) == (0, "cpu", 4, 3, 9)
+    assert config.default_truncation == "middle_out" and config.sessions_db is None
+    assert config.metrics_port == 9100 and config.adapters_root == tmp_path
+
+
+def test_cli_serves_logs_where_and_stops_on_sigterm(tiny_base: Path, adapters_root: Path,
+                                                    tmp_path: Path) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--base", str(tiny_base),
+         "--adapters-root", str(adapters_root), "--port", "0", "--device", "cpu",
+         "--sessions-db", str(tmp_path / "s.db"), "--shutdown-grace-seconds", "0.5"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "ready on" in line:
+                break
+        log = "".join(lines)
+        assert "listening on" in log and re.search(r"loaded base .* in [0-9.]+s", log), log
+        port = int(re.search(r"ready on [^ ]+:(\d+)", log).group(1))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert "stopped" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
