@@ -242,12 +242,40 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[AliasInfo, _Mapping]]] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("alias", "target")
+    __slots__ = ("alias", "target", "reason")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     alias: str
     target: str
-    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AliasHistoryRequest(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    def __init__(self, alias: _Optional[str] = ...) -> None: ...
+
+class AliasMove(_message.Message):
+    __slots__ = ("alias", "target", "previous", "reason", "moved_at")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    target: str
+    previous: str
+    reason: str
+    moved_at: str
+    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., previous: _Optional[str] = ..., reason: _Optional[str] = ..., moved_at: _Optional[str] = ...) -> None: ...
+
+class AliasHistoryResponse(_message.Message):
+    __slots__ = ("moves",)
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    moves: _containers.RepeatedCompositeFieldContainer[AliasMove]
+    def __init__(self, moves: _Optional[_Iterable[_Union[AliasMove, _Mapping]]] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
     __slots__ = ("alias", "previous")

@@ -212,6 +212,11 @@ class AdapterServiceStub:
                 request_serializer=switchboard_dot_v1_dot_switchboard__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_switchboard__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.AliasHistory = channel.unary_unary(
+                '/switchboard.v1.AdapterService/AliasHistory',
+                request_serializer=switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -241,6 +246,12 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AliasHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +274,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=switchboard_dot_v1_dot_switchboard__pb2.SetAliasRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_switchboard__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'AliasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AliasHistory,
+                    request_deserializer=switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +389,33 @@ class AdapterService:
             '/switchboard.v1.AdapterService/SetAlias',
             switchboard_dot_v1_dot_switchboard__pb2.SetAliasRequest.SerializeToString,
             switchboard_dot_v1_dot_switchboard__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AliasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.AdapterService/AliasHistory',
+            switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryRequest.SerializeToString,
+            switchboard_dot_v1_dot_switchboard__pb2.AliasHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
