@@ -35,7 +35,7 @@ def _print_json(value: Any) -> None:
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     for row in [list(headers), *cells]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
@@ -237,12 +237,27 @@ def _cmd_adapters_unload(client: SwitchboardClient, args: argparse.Namespace) ->
 
 
 def _cmd_adapters_alias(client: SwitchboardClient, args: argparse.Namespace) -> int:
-    alias = client.set_alias(args.alias, args.target_ref, timeout=args.timeout)
+    alias = client.set_alias(args.alias, args.target_ref, reason=args.reason,
+                             timeout=args.timeout)
     if args.json:
         _print_json(alias.to_dict())
     else:
         was = f" (was {alias.previous})" if alias.previous else " (new)"
         print(f"{alias.alias} -> {alias.target}{was}")
+    return 0
+
+
+def _cmd_adapters_history(client: SwitchboardClient, args: argparse.Namespace) -> int:
+    moves = client.alias_history(args.alias, timeout=args.timeout)
+    if args.json:
+        _print_json([m.to_dict() for m in moves])
+        return 0
+    if not moves:
+        print(f"no alias moves recorded{f' for {args.alias}' if args.alias else ''}")
+        return 0
+    rows = [[m.moved_at, m.alias, m.target, m.previous or "(new)", m.reason or "-"]
+            for m in moves]
+    _print_table(["MOVED_AT", "ALIAS", "TARGET", "PREVIOUS", "REASON"], rows)
     return 0
 
 
@@ -360,7 +375,7 @@ def _add_chat(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_adapters(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("adapters", help="list, load, unload and alias adapters")
+    p = sub.add_parser("adapters", help="list, load, unload and alias adapters; alias history")
     cmds = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     cmds.add_parser("list", parents=[common], help="adapters on disk and loaded, and aliases"
                     ).set_defaults(handler=_cmd_adapters_list)
@@ -373,7 +388,14 @@ def _add_adapters(sub: Any, common: argparse.ArgumentParser) -> None:
     alias = cmds.add_parser("alias", parents=[common], help="point an alias at a version")
     alias.add_argument("alias", metavar="ALIAS")
     alias.add_argument("target_ref", metavar="NAME@VERSION")
+    alias.add_argument("--reason", default="", metavar="TEXT",
+                       help="why (kept with the move in the server's alias history)")
     alias.set_defaults(handler=_cmd_adapters_alias)
+    history = cmds.add_parser("history", parents=[common],
+                              help="alias moves recorded beside the adapters, oldest first")
+    history.add_argument("alias", nargs="?", default="", metavar="ALIAS",
+                         help="only this alias (default: every alias)")
+    history.set_defaults(handler=_cmd_adapters_history)
 
 
 def _add_sessions(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -31,7 +31,8 @@ class Conversation:
 
     @property
     def system(self) -> str | None:
-        return self.messages[0].content if self.messages and self.messages[0].role == "system" else None
+        first = self.messages[0] if self.messages else None
+        return first.content if first is not None and first.role == "system" else None
 
     def to_openai(self) -> list[dict[str, str]]:
         return [m.to_dict() for m in self.messages]

@@ -98,7 +98,7 @@ def load_base(path_or_id: str, options: LoadOptions | None = None) -> tuple[Any,
 
 
 def base_fingerprint(path_or_id: str) -> str:
-    """A hash of the base's config and tokenizer files: what an adapter must have been trained on."""
+    """Hash of the base's config and tokenizer files: what an adapter must have been trained on."""
     root = Path(path_or_id)
     digest = hashlib.sha256()
     if root.is_dir():

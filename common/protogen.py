@@ -1,4 +1,4 @@
-"""Generate the Python gRPC code for proto/ (committed; tests/test_proto.py checks it is current)."""
+"""Generate the Python gRPC code for proto/ (committed; tests/test_architecture.py checks it)."""
 
 from __future__ import annotations
 

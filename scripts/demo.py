@@ -68,7 +68,9 @@ def train_adapters(base: Path, data: Path, root: Path, max_steps: int) -> None:
         )
 
 
-def start_server(base: Path, root: Path, port: int, metrics_port: int, work: Path) -> subprocess.Popen:
+def start_server(
+    base: Path, root: Path, port: int, metrics_port: int, work: Path
+) -> subprocess.Popen:
     step("4. serve the base and the adapters")
     log = (work / "server.log").open("w")
     cmd = [

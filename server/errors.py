@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class SwitchboardError(Exception):
-    """Base of every error a user can act on; the message says what was wrong and what is allowed."""
+    """Base of every error a user can act on.
+
+    Its message says what was wrong and what is allowed.
+    """
 
 
 class InvalidArgumentError(SwitchboardError):

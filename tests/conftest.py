@@ -31,7 +31,7 @@ def write_random_adapter(
     base: Path, root: Path, name: str, version: int, *, seed: int, rank: int = 8,
     target_modules: str | list[str] = "all-linear", fingerprint: str | None = None,
 ) -> Path:
-    """Write a real PEFT adapter with random (non-zero) A and B, plus a manifest, for serving tests."""
+    """Write a real PEFT adapter with random non-zero A and B and a manifest (serving tests)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -50,7 +50,10 @@ def write_random_adapter(
     manifest = {
         "name": name,
         "version": version,
-        "base": {"path_or_id": str(base), "fingerprint": fingerprint or base_fingerprint(str(base))},
+        "base": {
+            "path_or_id": str(base),
+            "fingerprint": fingerprint or base_fingerprint(str(base)),
+        },
         "created": datetime.now(UTC).isoformat(),
         "hyperparameters": {"rank": rank, "alpha": 2 * rank, "seed": seed},
     }

@@ -1,4 +1,4 @@
-"""The layers stay apart: import-linter contracts (pyproject.toml) and the generated API is current."""
+"""The layers stay apart (import-linter contracts) and the generated API code is current."""
 
 from __future__ import annotations
 
