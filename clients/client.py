@@ -21,6 +21,7 @@ from clients.errors import SwitchboardRpcError
 from clients.types import (
     AdapterInfo,
     AliasInfo,
+    AliasMove,
     ChatChunk,
     ChatResult,
     LoadResult,
@@ -263,10 +264,18 @@ class SwitchboardClient:
         response = self._call(self._adapters.UnloadAdapter, request, timeout)
         return AdapterInfo.from_pb(response.adapter)
 
-    def set_alias(self, alias: str, target: str, *, timeout: float | None = None) -> AliasInfo:
-        request = pb.SetAliasRequest(alias=alias, target=target)
+    def set_alias(self, alias: str, target: str, *, reason: str = "",
+                  timeout: float | None = None) -> AliasInfo:
+        """Point `alias` at `target`; `reason` is kept with the move in the server's history."""
+        request = pb.SetAliasRequest(alias=alias, target=target, reason=reason)
         response = self._call(self._adapters.SetAlias, request, timeout)
         return AliasInfo.from_pb(response.alias, previous=response.previous)
+
+    def alias_history(self, alias: str = "", *, timeout: float | None = None) -> list[AliasMove]:
+        """Recorded moves of `alias` ("" = every alias), oldest first."""
+        request = pb.AliasHistoryRequest(alias=alias)
+        response = self._call(self._adapters.AliasHistory, request, timeout)
+        return [AliasMove.from_pb(m) for m in response.moves]
 
     # ------------------------------------------------------------------ sessions
 

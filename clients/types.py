@@ -190,6 +190,25 @@ class AliasInfo:
 
 
 @dataclass(frozen=True)
+class AliasMove:
+    """One recorded alias move; `previous` is "" when the alias was new, `moved_at` ISO UTC."""
+
+    alias: str
+    target: str
+    previous: str
+    reason: str
+    moved_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_pb(cls, msg: pb.AliasMove) -> AliasMove:
+        return cls(alias=msg.alias, target=msg.target, previous=msg.previous, reason=msg.reason,
+                   moved_at=msg.moved_at)
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     session_id: str
     message_count: int

@@ -1,8 +1,10 @@
 """Promotion: move an alias to a candidate only when a report's gate passed for it, and record it.
 
-The eval suite reaches the server only through gRPC, so the record is kept on the client's side:
-one JSON line per promotion appended to `<report dir>/promotions.jsonl` and, when given, to a
-second log (`--record`, for example one shared beside the adapters root).
+The server keeps every alias move in its history beside the adapters; a promotion passes as the
+move's reason a compact JSON of who, when, which report and the gate's verdict, so
+`switchboard adapters history` shows why each move happened. The client's side keeps its own
+record too: one JSON line per promotion appended to `<report dir>/promotions.jsonl` and, when
+given, to a second log (`--record`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class PromotionRefused(Exception):
 
 
 class AliasSetter(Protocol):
-    def set_alias(self, alias: str, target: str) -> Any: ...
+    def set_alias(self, alias: str, target: str, *, reason: str = "") -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,20 @@ def load_report(report_dir: Path) -> tuple[dict[str, Any], str]:
         return json.loads(raw), hashlib.sha256(raw).hexdigest()
     except json.JSONDecodeError as err:
         raise PromotionRefused(f"{path}: not valid JSON: {err}") from None
+
+
+def gate_verdict(report: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The gate's answer for `key` in short: passed, and the checks it made."""
+    result = (report.get("gate") or {}).get("results", {}).get(key) or {}
+    checks = [f"{c.get('metric')}.{c.get('limit')}" for c in result.get("checks", [])]
+    return {"candidate": key, "passed": bool(result.get("passed")), "checks": checks}
+
+
+def promotion_reason(who: str, when: str, report_dir: Path, verdict: Mapping[str, Any]) -> str:
+    """The SetAlias reason: compact, sorted JSON so history lines stay short and comparable."""
+    payload = {"by": "evalsuite promote", "who": who, "when": when,
+               "report": str(Path(report_dir).resolve()), "gate": verdict}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
 def check_report(report: Mapping[str, Any], candidate: str) -> str:
@@ -89,16 +105,19 @@ def append_record(path: Path, record: PromotionRecord) -> None:
 
 def promote(client: AliasSetter, *, alias: str, candidate: str, report_dir: Path, server: str,
             record: Path | None = None) -> PromotionRecord:
-    """Check the report, move the alias, then append the record to the report dir (and `record`)."""
+    """Check the report, move the alias (the reason names who, when, the report and the gate's
+    verdict), then append the record to the report dir (and `record`)."""
     if not alias:
         raise PromotionRefused("alias must not be empty")
     report, digest = load_report(report_dir)
     target = check_report(report, candidate)
-    answer = client.set_alias(alias, target)
+    who, when = getpass.getuser(), datetime.now(UTC).isoformat(timespec="seconds")
+    reason = promotion_reason(who, when, report_dir, gate_verdict(report, target))
+    answer = client.set_alias(alias, target, reason=reason)
     rec = PromotionRecord(
         alias=alias, target=target, previous=str(getattr(answer, "previous", "") or ""),
-        who=getpass.getuser(), when=datetime.now(UTC).isoformat(timespec="seconds"),
-        report=str(Path(report_dir).resolve()), report_sha256=digest, server=server,
+        who=who, when=when, report=str(Path(report_dir).resolve()), report_sha256=digest,
+        server=server,
     )
     local = Path(report_dir) / "promotions.jsonl"
     append_record(local, rec)

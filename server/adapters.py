@@ -4,7 +4,9 @@ Resolves "name" | "name@version" | alias to one immutable `<root>/<name>/<versio
 A bare "name" means the alias of that name when one exists (so promoting `support -> support@7`
 moves every plain "support" request), otherwise the highest version on disk. Only directories
 below the root are ever returned. Loading weights is the engine's job; this module only reads
-manifests and keeps `<root>/aliases.json`.
+manifests and keeps `<root>/aliases.json` and, beside it, `<root>/alias_history.jsonl`: one JSON
+line per alias move (alias, target, previous, reason, moved_at), written under the same lock as
+aliases.json so the history and the table agree.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
 ALIASES_FILE = "aliases.json"
+HISTORY_FILE = "alias_history.jsonl"
+MAX_REASON_CHARS = 4096
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 
@@ -60,6 +65,31 @@ class Alias:
     @property
     def target(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One line of the alias history: `previous` is "" when the alias was new."""
+
+    alias: str
+    target: str
+    previous: str
+    reason: str
+    moved_at: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> AliasMove:
+        """Raises ValueError for anything but an object with the five string fields."""
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        values = {k: raw.get(k) for k in ("alias", "target", "previous", "reason", "moved_at")}
+        bad = [k for k, v in values.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"fields {', '.join(bad)} are missing or not strings")
+        return cls(**values)
 
 
 def check_name(value: str, what: str) -> str:
@@ -289,22 +319,73 @@ class AdapterRegistry:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def set_alias(self, alias: str, target: str) -> tuple[Alias, str]:
-        """Point `alias` at a concrete version; returns the new alias and the previous target."""
+    def _append_history(self, move: AliasMove) -> int:
+        """Append one line and fsync it; returns the file size before, to undo the append."""
+        path = self.root / HISTORY_FILE
+        with path.open("a", encoding="utf-8") as handle:
+            size = handle.tell()
+            handle.write(json.dumps(move.to_dict(), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return size
+
+    def _undo_history(self, size: int) -> None:
+        with (self.root / HISTORY_FILE).open("r+b") as handle:
+            handle.truncate(size)
+            os.fsync(handle.fileno())
+
+    def set_alias(self, alias: str, target: str, reason: str = "") -> tuple[Alias, str]:
+        """Point `alias` at a concrete version and record the move with `reason`; returns the
+        new alias and the previous target ("" when the alias is new)."""
         check_name(alias, "alias")
         if not target:
             raise InvalidArgumentError("target is empty: give name@version (or a name/alias)")
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgumentError(
+                f"reason has {len(reason)} characters; at most {MAX_REASON_CHARS} are allowed")
         resolved = self.resolve(target)
         with self._lock:
             self._scan_aliases()
             previous = self._aliases.get(alias)
             updated = dict(self._aliases)
             updated[alias] = Alias(alias, resolved.name, resolved.version)
-            self._write_aliases(updated)
+            move = AliasMove(alias, resolved.key, previous.target if previous else "", reason,
+                             datetime.now(UTC).isoformat(timespec="milliseconds"))
+            # History first, like a write-ahead log: a move that took effect is never missing
+            # from it. If the table cannot be written, the line is cut off again.
+            size = self._append_history(move)
+            try:
+                self._write_aliases(updated)
+            except BaseException:
+                self._undo_history(size)
+                raise
             self._aliases = updated
         log.info("alias %s -> %s (was %s)", alias, resolved.key,
                  previous.target if previous else "unset")
-        return updated[alias], previous.target if previous else ""
+        return updated[alias], move.previous
+
+    def _read_history(self) -> list[AliasMove]:
+        path = self.root / HISTORY_FILE
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        moves = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                moves.append(AliasMove.from_dict(json.loads(line)))
+            except ValueError as e:
+                # One damaged line (a hand edit) must not hide every other move.
+                log.warning("ignoring %s:%d: %s", path, number, e)
+        return moves
+
+    def history(self, alias: str = "") -> list[AliasMove]:
+        """Every recorded move of `alias` ("" = of every alias), oldest first."""
+        if alias:
+            check_name(alias, "alias")
+        with self._lock:
+            moves = self._read_history()
+        return [m for m in moves if not alias or m.alias == alias]
 
     def aliases_of(self, key: str) -> list[str]:
         with self._lock:

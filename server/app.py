@@ -24,10 +24,11 @@ from grpc_reflection.v1alpha import reflection
 
 from common.modeling import LoadOptions, base_fingerprint, load_base, resolve_device
 from server.adapters import AdapterRegistry
-from server.api import SERVICE_NAMES, InferenceCore, Limits, Runtime, add_servicers
+from server.api import SERVICE_NAMES, add_servicers
 from server.config import ServerConfig
 from server.context import PromptRenderer
 from server.engine import Engine, EngineConfig
+from server.service import InferenceCore, Limits, Runtime
 
 log = logging.getLogger(__name__)
 

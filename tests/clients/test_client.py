@@ -312,6 +312,20 @@ def test_alias_moves_and_serves(client: SwitchboardClient) -> None:
     assert "prod" in {a.ref: a for a in client.list_adapters()}["alpha@2"].aliases
 
 
+def test_alias_history_keeps_reasons(client: SwitchboardClient) -> None:
+    client.set_alias("hist", "alpha@1", reason="first try")
+    moved = client.set_alias("hist", "beta@1", reason="alpha regressed")
+    assert moved.previous == "alpha@1"
+    moves = client.alias_history("hist")
+    assert [(m.alias, m.target, m.previous, m.reason) for m in moves] == [
+        ("hist", "alpha@1", "", "first try"), ("hist", "beta@1", "alpha@1", "alpha regressed")]
+    assert moves[1].to_dict()["moved_at"] >= moves[0].moved_at
+    assert {"hist"} <= {m.alias for m in client.alias_history()}
+    with pytest.raises(SwitchboardRpcError) as info:
+        client.alias_history("../x")
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
 def test_score_gives_a_log_likelihood(client: SwitchboardClient) -> None:
     result = client.score([{"role": "user", "content": "Hi"}], "Hello, how can I help?",
                           adapter="alpha@1")

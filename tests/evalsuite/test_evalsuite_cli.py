@@ -100,10 +100,12 @@ class AliasBook:
 
     def __init__(self) -> None:
         self.aliases: dict[str, str] = {"prod": "alpha@0"}
+        self.reasons: list[str] = []
 
-    def set_alias(self, alias: str, target: str):
+    def set_alias(self, alias: str, target: str, *, reason: str = ""):
         previous = self.aliases.get(alias, "")
         self.aliases[alias] = target
+        self.reasons.append(reason)
         return type("AliasInfo", (), {"previous": previous})()
 
 
@@ -131,6 +133,14 @@ def test_promotion_happens_only_for_a_passing_candidate(tmp_path: Path) -> None:
     for log in (report_dir / "promotions.jsonl", tmp_path / "adapters" / "promotions.jsonl"):
         lines = log.read_text().splitlines()
         assert len(lines) == 1 and json.loads(lines[0])["who"] == rec.who
+    # The server's alias history gets who, when, which report and the gate's verdict.
+    (reason,) = book.reasons
+    assert reason == json.dumps(json.loads(reason), sort_keys=True, separators=(",", ":"))
+    assert json.loads(reason) == {
+        "by": "evalsuite promote", "who": rec.who, "when": rec.when, "report": rec.report,
+        "gate": {"candidate": "alpha@1", "passed": True,
+                 "checks": json.loads(reason)["gate"]["checks"]}}
+    assert json.loads(reason)["gate"]["checks"]
 
 
 def test_promotion_needs_a_gate(tmp_path: Path) -> None:
@@ -231,7 +241,12 @@ def test_run_gate_cache_and_promotion_end_to_end(
                  "alpha@1", "--report", str(out), "--record", str(tmp_path / "log.jsonl")]) == 0
     with SwitchboardClient(server.target) as client:
         assert {a.alias: a.target for a in client.list_aliases()}["prod"] == "alpha@1"
+        promoted = client.alias_history("prod")[-1]
     assert json.loads((tmp_path / "log.jsonl").read_text())["target"] == "alpha@1"
+    reason = json.loads(promoted.reason)
+    assert (promoted.target, reason["report"], reason["gate"]["passed"]) == (
+        "alpha@1", str(out.resolve()), True)
+    assert reason["who"] == json.loads((tmp_path / "log.jsonl").read_text())["who"]
 
     # Same settings, stricter gate: nothing is replayed, the candidates now fail (exit 1).
     assert main([*argv, "--gate", str(failing)]) == 1

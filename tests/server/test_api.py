@@ -171,6 +171,25 @@ def test_alias_and_version_resolution(infer, admin) -> None:
     assert "prod" in next(a for a in listing.adapters if a.name == "beta").aliases
 
 
+def test_alias_moves_are_kept_in_the_history_beside_the_adapters(admin, served_root) -> None:
+    admin.SetAlias(pb.SetAliasRequest(alias="hist", target="alpha@1", reason="first"), timeout=30)
+    admin.SetAlias(pb.SetAliasRequest(alias="hist-other", target="beta@1"), timeout=30)
+    moved = admin.SetAlias(pb.SetAliasRequest(alias="hist", target="alpha@2", reason="why: eval"),
+                           timeout=30)
+    assert moved.previous == "alpha@1"
+    moves = admin.AliasHistory(pb.AliasHistoryRequest(alias="hist"), timeout=30).moves
+    assert [(m.target, m.previous, m.reason) for m in moves] == [
+        ("alpha@1", "", "first"), ("alpha@2", "alpha@1", "why: eval")]
+    assert all(m.alias == "hist" and m.moved_at.endswith("+00:00") for m in moves)
+    every = admin.AliasHistory(pb.AliasHistoryRequest(), timeout=30).moves
+    assert {"hist", "hist-other"} <= {m.alias for m in every}
+    lines = (served_root / "alias_history.jsonl").read_text().splitlines()
+    assert len(lines) == len(every)
+    with pytest.raises(grpc.RpcError) as info:
+        admin.AliasHistory(pb.AliasHistoryRequest(alias="../etc"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_on_demand_load_and_lru_eviction(infer, admin) -> None:
     for key in list(loaded(admin)):
         admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter=key), timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,60 @@ def test_concurrent_alias_moves_leave_a_valid_file(root: Path) -> None:
     stored = json.loads((root / "aliases.json").read_text())
     assert stored["live"] in targets
     assert registry.resolve("live").key == stored["live"]
+    # The history was written under the same lock: every move, chained, ending at the table.
+    moves = registry.history("live")
+    assert len(moves) == 80 and moves[0].previous == ""
+    assert all(m.previous == before.target for before, m in zip(moves, moves[1:], strict=False))
+    assert moves[-1].target == stored["live"]
+
+
+def test_alias_moves_are_recorded_with_reason_and_previous(root: Path) -> None:
+    registry = AdapterRegistry(root, BASE)
+    registry.set_alias("prod", "alpha@1", reason="first release")
+    registry.set_alias("canary", "beta")
+    registry.set_alias("prod", "alpha@2", reason='{"who": "ci"}')
+    lines = (root / "alias_history.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert json.loads(lines[2]) == {"alias": "prod", "target": "alpha@2", "previous": "alpha@1",
+                                    "reason": '{"who": "ci"}',
+                                    "moved_at": json.loads(lines[2])["moved_at"]}
+    first, canary, second = registry.history()
+    assert (first.target, first.previous, first.reason) == ("alpha@1", "", "first release")
+    assert (canary.alias, canary.target, canary.reason) == ("canary", "beta@1", "")
+    assert datetime.fromisoformat(second.moved_at).utcoffset() == timedelta(0)
+    assert first.moved_at <= canary.moved_at <= second.moved_at
+    # Filtered by alias, and read back the same by a restarted server.
+    assert [m.target for m in AdapterRegistry(root, BASE).history("prod")] == ["alpha@1",
+                                                                              "alpha@2"]
+    assert registry.history("nosuch") == []
+    with pytest.raises(InvalidArgumentError, match="alias"):
+        registry.history("../prod")
+    with pytest.raises(InvalidArgumentError, match="reason"):
+        registry.set_alias("prod", "beta@1", reason="x" * 5000)
+
+
+def test_history_and_table_agree_when_the_table_write_fails(root: Path, monkeypatch) -> None:
+    registry = AdapterRegistry(root, BASE)
+    registry.set_alias("prod", "alpha@1", reason="ok")
+    before = (root / "alias_history.jsonl").read_bytes()
+
+    def broken(aliases: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry, "_write_aliases", broken)
+    with pytest.raises(OSError, match="disk full"):
+        registry.set_alias("prod", "beta@1", reason="lost")
+    assert (root / "alias_history.jsonl").read_bytes() == before
+    assert registry.resolve("prod").key == "alpha@1"
+
+
+def test_a_damaged_history_line_hides_only_itself(root: Path) -> None:
+    registry = AdapterRegistry(root, BASE)
+    registry.set_alias("prod", "alpha@1")
+    with (root / "alias_history.jsonl").open("a") as fh:
+        fh.write('{"alias": "prod", "target"\n["not", "a move"]\n')
+    registry.set_alias("prod", "beta@1")
+    assert [m.target for m in registry.history("prod")] == ["alpha@1", "beta@1"]
 
 
 def test_unknown_names_what_exists(root: Path) -> None:

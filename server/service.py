@@ -1,0 +1,589 @@
+"""Chat, score, adapter and session operations in domain terms: the servers' core, no gRPC.
+
+The servicers in server/api.py validate a request, convert it to the types here, make one call
+and convert the answer back. Failures are raised as server/errors.py exceptions; only the edge
+turns them into status codes. The model is never touched on the event loop: generation goes
+through the engine's queue, and blocking calls (disk, load, unload, score, sessions) run in
+worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from common.conversation import Message
+from server.adapter_cache import AdapterNotLoadedError
+from server.adapters import AdapterRegistry, AdapterVersion, Alias, AliasMove
+from server.config import ServerConfig
+from server.context import (
+    FitResult,
+    PromptRenderer,
+    SummaryCache,
+    fit_conversation,
+    prompt_budget,
+)
+from server.errors import (
+    ContextOverflowError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from server.logging_setup import NO_REQUEST, current_request_id, new_request_id
+from server.metrics import OTHER_LABEL
+from server.request import FinishEvent, GenerationRequest, TokenEvent
+from server.sampling import SamplingParams
+from server.sessions import Session, SessionInfo, SessionLocks
+
+# ---------------------------------------------------------------- requests and results
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A validated chat request in domain terms."""
+
+    messages: tuple[Message, ...]
+    adapter: str
+    sampling: SamplingParams
+    truncation: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What the context step did to fit the conversation into the budget."""
+
+    strategy: str
+    budget_tokens: int
+    messages_dropped: int = 0
+    tokens_dropped: int = 0
+    applied: bool = False
+    summary: str = ""
+
+
+@dataclass
+class ChatResult:
+    """The accounting of one finished answer."""
+
+    request_id: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: AdapterVersion | None
+    requested: str
+    truncation: Truncation
+    session_id: str
+    queue_wait_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of a running answer."""
+
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    log_likelihood: float
+    token_count: int
+    prompt_tokens: int
+    adapter: AdapterVersion | None
+    requested: str
+
+
+def check_conversation(messages: list[Message]) -> None:
+    """The whole conversation (session history + new messages) must end with a user turn."""
+    if not messages:
+        raise InvalidArgumentError("messages is empty: send at least one user message")
+    if messages[-1].role != "user":
+        raise InvalidArgumentError(
+            f"the last message must come from the user, got role {messages[-1].role!r}")
+    for i, message in enumerate(messages[1:], start=1):
+        if message.role == "system":
+            raise InvalidArgumentError(
+                f"message {i} of the conversation is a system message; only the first may be one")
+
+
+# ---------------------------------------------------------------- prompt fitting and summaries
+
+SUMMARY_INSTRUCTION = (
+    "Summarize the conversation below in a few sentences. Keep names, numbers and facts the "
+    "user gave; write only the summary."
+)
+SUMMARY_MAX_NEW_TOKENS = 128
+
+
+def truncation_of(fit: FitResult, budget: int) -> Truncation:
+    return Truncation(strategy=fit.strategy, budget_tokens=budget,
+                      messages_dropped=fit.messages_dropped, tokens_dropped=fit.tokens_dropped,
+                      applied=fit.applied, summary=fit.summary)
+
+
+def _transcript(messages: list[Message]) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+# ---------------------------------------------------------------- sessions
+
+@dataclass(frozen=True)
+class Turn:
+    """One request's view of its session: stored history, the new messages, the summary."""
+
+    session_id: str
+    history: list[Message]
+    new: list[Message]
+    cached_summary: SummaryCache | None = None
+
+    @property
+    def conversation(self) -> list[Message]:
+        return self.history + self.new
+
+
+def turn_of(session_id: str, stored: Session | None, new: list[Message]) -> Turn:
+    """A client may resend the session's system prompt each turn; an identical one is dropped,
+    a different one is refused (the stored conversation keeps its first system prompt)."""
+    history = list(stored.messages) if stored is not None else []
+    if history and new and new[0].role == "system":
+        if history[0].role == "system" and history[0].content == new[0].content:
+            new = new[1:]
+        else:
+            raise InvalidArgumentError(
+                f"session {session_id!r} already has a conversation; send only new user "
+                "messages (a system prompt is allowed only on the first turn)")
+    cached = SummaryCache.from_dict(stored.summary_cache) if stored is not None else None
+    return Turn(session_id, history, new, cached)
+
+
+# ---------------------------------------------------------------- the inference core
+
+@dataclass
+class Limits:
+    context_length: int
+    vocab_size: int
+
+
+@dataclass
+class InferenceCore:
+    """Everything a chat or score call needs once the base is loaded; no gRPC inside."""
+
+    engine: Any
+    tokenizer: Any
+    renderer: PromptRenderer
+    registry: AdapterRegistry
+    config: ServerConfig
+    limits: Limits
+    metrics: Any = None
+    sessions: Any = None
+    session_locks: SessionLocks = field(default_factory=SessionLocks)
+    _loading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+
+    def resolve(self, ref: str) -> AdapterVersion | None:
+        """Blocking resolve (may rescan the disk); for worker threads."""
+        return self.registry.resolve(ref) if ref else None
+
+    async def resolve_async(self, ref: str) -> AdapterVersion | None:
+        """Known references resolve in memory; unknown ones rescan the disk in a worker thread."""
+        if not ref:
+            return None
+        found = self.registry.lookup(ref)
+        return found if found is not None else await asyncio.to_thread(self.registry.resolve, ref)
+
+    async def ensure_loaded(self, adapter: AdapterVersion) -> Any:
+        """Load `adapter` in a worker thread; concurrent callers share one load."""
+        pending = self._loading.get(adapter.key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        task = asyncio.ensure_future(
+            asyncio.to_thread(self.engine.load_adapter, adapter.key, adapter.path))
+        self._loading[adapter.key] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(adapter.key, None)
+            else:
+                task.add_done_callback(lambda _: self._loading.pop(adapter.key, None))
+
+    async def with_adapter(self, adapter: AdapterVersion | None,
+                           call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `call`; when the engine says the adapter is not loaded, load it and try again.
+
+        Two retries cover an eviction racing between our load and the resubmit.
+        """
+        for attempt in range(3):
+            try:
+                return await call()
+            except AdapterNotLoadedError:
+                if adapter is None or attempt == 2:
+                    raise
+                await self.ensure_loaded(adapter)
+        raise AssertionError("unreachable")
+
+    def budget(self, max_new_tokens: int) -> int:
+        return prompt_budget(self.limits.context_length, max_new_tokens)
+
+    async def fit(self, messages: list[Message], max_new_tokens: int, strategy: str,
+                  cached_summary: SummaryCache | None = None) -> tuple[FitResult, int]:
+        """Fit the conversation into the prompt budget (in a worker thread: it tokenizes, and
+        the summarize strategy waits on the engine)."""
+        budget = self.budget(max_new_tokens)
+        fit = await asyncio.to_thread(
+            fit_conversation, messages, self.renderer, budget, strategy,
+            self.summarize if strategy == "summarize" else None, cached_summary)
+        if fit.applied:
+            self.metric("observe_truncation", fit.strategy, fit.messages_dropped,
+                        fit.tokens_dropped)
+        return fit, budget
+
+    def summarize(self, messages: list[Message]) -> str:
+        """Blocking (worker thread): a short summary written by the model itself, greedy."""
+        adapter = self.resolve(self.config.summarize_adapter)
+        if adapter is not None:
+            self.engine.load_adapter(adapter.key, adapter.path)
+        text = _transcript(messages)
+        room = self.limits.context_length - SUMMARY_MAX_NEW_TOKENS
+        ids = self.renderer.render([Message("system", SUMMARY_INSTRUCTION), Message("user", text)])
+        while len(ids) > room and len(text) > 1:
+            text = text[len(text) // 4:]  # keep the most recent part of an oversized transcript
+            ids = self.renderer.render([Message("system", SUMMARY_INSTRUCTION),
+                                        Message("user", text)])
+        request = GenerationRequest(
+            request_id=f"{current_request_id()}-summary", prompt_ids=ids,
+            adapter=adapter.key if adapter else None,
+            sampling=SamplingParams(max_new_tokens=SUMMARY_MAX_NEW_TOKENS))
+        for event in self.engine.submit(request):
+            if isinstance(event, FinishEvent):
+                return event.text.strip()
+        raise UnavailableError("the engine ended the summary without a finish event")
+
+    @asynccontextmanager
+    async def session(self, session_id: str,
+                      messages: tuple[Message, ...]) -> AsyncIterator[Turn]:
+        """Hold `session_id` for one request (a second concurrent one gets ABORTED) and give
+        the stored history with the new messages."""
+        if not session_id:
+            yield Turn("", [], list(messages))
+            return
+        if self.sessions is None:
+            raise FailedPreconditionError(
+                "sessions are disabled on this server: start it with --sessions-db PATH")
+        async with self.session_locks.acquire(session_id):
+            stored = await asyncio.to_thread(self.sessions.get, session_id)
+            yield turn_of(session_id, stored, list(messages))
+
+    async def remember(self, turn: Turn, answer: str, cache: SummaryCache | None) -> None:
+        """Blocking store calls in a worker thread: append the turn, then the summary cache."""
+
+        def write() -> int:
+            self.sessions.append_turn(turn.session_id, [*turn.new, Message("assistant", answer)])
+            if cache is not None and cache != turn.cached_summary:
+                self.sessions.set_summary(turn.session_id, cache.to_dict())
+            return self.sessions.count()
+
+        self.metric("set_sessions", await asyncio.to_thread(write))
+
+    def metric(self, name: str, *args: Any) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name)(*args)
+
+
+# Metrics label of requests whose adapter reference did not resolve: user-typed names must not
+# take the bounded per-adapter label slots.
+UNRESOLVED_LABEL = OTHER_LABEL
+
+
+def adapter_label(adapter: AdapterVersion | None) -> str | None:
+    """Metrics label: the adapter key, None for the bare base (metrics names it __base__)."""
+    return adapter.key if adapter is not None else None
+
+
+# ---------------------------------------------------------------- score and chat
+
+async def score(core: InferenceCore, messages: list[Message], continuation: str,
+                ref: str) -> ScoreOutcome:
+    """Log-likelihood of `continuation` as the assistant's answer after `messages`."""
+    check_conversation(messages)
+    if not continuation:
+        raise InvalidArgumentError("continuation is empty: give the assistant text to score")
+    adapter = await core.resolve_async(ref)
+    prompt_ids = await asyncio.to_thread(core.renderer.render, messages)
+    target_ids = list(core.renderer.encode([continuation])["input_ids"][0])
+    total = len(prompt_ids) + len(target_ids)
+    if total > core.limits.context_length:
+        raise ContextOverflowError(
+            f"prompt ({len(prompt_ids)} tokens) plus continuation ({len(target_ids)}) is "
+            f"{total} tokens; the context length is {core.limits.context_length}")
+    key = adapter.key if adapter else None
+
+    async def run() -> Any:
+        return await asyncio.to_thread(core.engine.score, prompt_ids, target_ids, key)
+
+    scored = await core.with_adapter(adapter, run)
+    return ScoreOutcome(scored.log_likelihood, scored.token_count, len(prompt_ids), adapter, ref)
+
+
+class ChatCall:
+    """One chat request from submission to its last event; `cancel()` is safe from any thread."""
+
+    def __init__(self, core: InferenceCore, chat: ChatInput, deadline: float | None, *,
+                 code_of: Callable[[BaseException], str]) -> None:
+        self.core = core
+        self.chat = chat
+        self.deadline = deadline
+        # The edge owns the error table; a failed call's metrics label uses its code names.
+        self.code_of = code_of
+        self.request_id = current_request_id()
+        if self.request_id == NO_REQUEST:
+            self.request_id = new_request_id()
+        self._handle: Any = None
+        self._cancelled = False
+        self._finished = False
+        self._summary_cache: SummaryCache | None = None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._handle is not None and not self._finished:
+            self._handle.cancel()
+
+    async def events(self) -> AsyncIterator[Delta | ChatResult]:
+        """Deltas as tokens arrive, then exactly one ChatResult."""
+        started = time.monotonic()
+        label = UNRESOLVED_LABEL if self.chat.adapter else None
+        try:
+            adapter = await self.core.resolve_async(self.chat.adapter)
+            label = adapter_label(adapter)
+            async with self.core.session(self.chat.session_id, self.chat.messages) as turn:
+                async for item in self._generate(adapter, turn):
+                    if isinstance(item, ChatResult) and turn.session_id \
+                            and item.finish_reason != "cancelled":
+                        # Stored before the client sees the answer, so its next turn finds it.
+                        await self.core.remember(turn, item.text, self._summary_cache)
+                    yield item
+        except BaseException as e:
+            gone = isinstance(e, asyncio.CancelledError | GeneratorExit)
+            code = "CANCELLED" if gone else self.code_of(e)
+            self.core.metric("observe_request", label, code, None, None,
+                             time.monotonic() - started, 0, 0)
+            raise
+
+    async def _generate(self, adapter: AdapterVersion | None,
+                        turn: Turn) -> AsyncIterator[Delta | ChatResult]:
+        messages = turn.conversation
+        check_conversation(messages)
+        fit, budget = await self.core.fit(messages, self.chat.sampling.max_new_tokens,
+                                          self.chat.truncation, turn.cached_summary)
+        self._summary_cache = fit.summary_cache
+        truncation = truncation_of(fit, budget)
+        request = GenerationRequest(
+            request_id=self.request_id, prompt_ids=fit.prompt_ids,
+            adapter=adapter.key if adapter else None, sampling=self.chat.sampling,
+            deadline=self.deadline,
+        )
+        async def submit() -> Any:
+            return self.core.engine.submit(request)
+
+        self._handle = await self.core.with_adapter(adapter, submit)
+        if self._cancelled:
+            self._handle.cancel()
+        try:
+            async for event in self._stream(adapter):
+                yield event if isinstance(event, Delta) else self._result(event, adapter,
+                                                                          truncation)
+        finally:
+            if not self._finished:
+                self._handle.cancel()
+
+    async def _stream(self, adapter: AdapterVersion | None) -> AsyncIterator[Any]:
+        last = time.monotonic()
+        label = adapter_label(adapter)
+        async for event in self._handle:
+            if isinstance(event, TokenEvent):
+                now = time.monotonic()
+                self.core.metric("observe_inter_token", label, now - last)
+                last = now
+                yield Delta(event.text_delta, event.completion_tokens)
+            else:
+                self._finished = True
+                yield event
+
+    def _result(self, finish: FinishEvent, adapter: AdapterVersion | None,
+                truncation: Truncation) -> ChatResult:
+        result = ChatResult(
+            request_id=self.request_id, text=finish.text, finish_reason=finish.reason,
+            prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+            adapter=adapter, requested=self.chat.adapter, truncation=truncation,
+            session_id=self.chat.session_id, queue_wait_s=finish.queue_wait_s,
+            ttft_s=finish.ttft_s, total_s=finish.total_s,
+        )
+        self.core.metric("observe_request", adapter_label(adapter), "OK", finish.queue_wait_s,
+                         finish.ttft_s, finish.total_s, finish.prompt_tokens,
+                         finish.completion_tokens)
+        return result
+
+
+# ---------------------------------------------------------------- adapter administration
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """One adapter version as listed: what is on disk merged with what the engine holds."""
+
+    name: str
+    version: int
+    loaded: bool
+    aliases: tuple[str, ...] = ()
+    compatible: bool = False
+    base_fingerprint: str = ""
+    created: str = ""
+    rank: int = 0
+    memory_bytes: int = 0
+    in_flight: int = 0
+
+
+def adapter_status(version: AdapterVersion | None, key: str, loaded: Any,
+                   aliases: list[str]) -> AdapterStatus:
+    """`version` is None for an adapter the engine holds but the disk no longer has; `loaded`
+    (the engine's LoadedAdapterInfo) is None when not loaded. A loaded rank wins."""
+    name, _, number = key.partition("@")
+    status = AdapterStatus(name=name, version=int(number or 0), loaded=loaded is not None,
+                           aliases=tuple(aliases))
+    if version is not None:
+        status = replace(status, compatible=version.compatible,
+                         base_fingerprint=version.fingerprint, created=version.created,
+                         rank=version.rank)
+    if loaded is not None:
+        status = replace(status, memory_bytes=loaded.memory_bytes, in_flight=loaded.in_flight,
+                         rank=loaded.rank)
+    return status
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    adapter: AdapterStatus
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    adapters: list[AdapterStatus]
+    aliases: list[Alias]
+
+
+def _key_order(key: str) -> tuple[str, int]:
+    name, _, number = key.partition("@")
+    return name, int(number or 0)
+
+
+def _required(value: str, field_name: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidArgumentError(f"{field_name} is empty: give name, name@version or an alias")
+    return value
+
+
+class AdapterAdmin:
+    """Load, unload, list and alias adapters; disk and engine calls run in worker threads."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    def _status(self, key: str) -> AdapterStatus:
+        registry, loaded = self.core.registry, self.core.engine.loaded_adapters()
+        try:
+            version = registry.resolve(key, require_compatible=False)
+        except NotFoundError:
+            version = None
+        return adapter_status(version, key, loaded.get(key), registry.aliases_of(key))
+
+    async def load(self, ref: str) -> LoadOutcome:
+        adapter = await asyncio.to_thread(self.core.registry.resolve, _required(ref, "adapter"))
+        loaded = await self.core.ensure_loaded(adapter)
+        status = await asyncio.to_thread(self._status, adapter.key)
+        return LoadOutcome(status, loaded.load_seconds)
+
+    def _unload(self, ref: str) -> AdapterStatus:
+        """Refuses (AdapterInUseError) while requests hold the adapter; never waits for them."""
+        adapter = self.core.registry.resolve(_required(ref, "adapter"), require_compatible=False)
+        loaded = self.core.engine.loaded_adapters()
+        if adapter.key not in loaded:
+            held = ", ".join(sorted(loaded)) or "none"
+            raise NotFoundError(f"adapter {adapter.key} is not loaded; loaded: {held}")
+        status = self._status(adapter.key)
+        self.core.engine.unload_adapter(adapter.key)
+        return replace(status, loaded=False, memory_bytes=0, in_flight=0)
+
+    async def unload(self, ref: str) -> AdapterStatus:
+        return await asyncio.to_thread(self._unload, ref)
+
+    def _list(self) -> AdapterListing:
+        registry = self.core.registry
+        versions = {v.key: v for v in registry.versions()}
+        loaded = self.core.engine.loaded_adapters()
+        rows = [adapter_status(versions.get(key), key, loaded.get(key), registry.aliases_of(key))
+                for key in sorted(set(versions) | set(loaded), key=_key_order)]
+        return AdapterListing(rows, registry.aliases())
+
+    async def list(self) -> AdapterListing:
+        return await asyncio.to_thread(self._list)
+
+    async def set_alias(self, alias: str, target: str, reason: str = "") -> tuple[Alias, str]:
+        """The moved alias and its previous target ("" when new); the move joins the history."""
+        return await asyncio.to_thread(
+            self.core.registry.set_alias, _required(alias, "alias"), target.strip(), reason)
+
+    async def history(self, alias: str) -> list[AliasMove]:
+        return await asyncio.to_thread(self.core.registry.history, alias.strip())
+
+
+# ---------------------------------------------------------------- session administration
+
+class SessionAdmin:
+    """Read and delete stored conversations; the store's blocking calls run in worker threads."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+        if core.sessions is None:
+            raise FailedPreconditionError(
+                "sessions are disabled on this server: start it with --sessions-db PATH")
+        self.store = core.sessions
+
+    async def get(self, session_id: str) -> Session:
+        stored = await asyncio.to_thread(self.store.get, session_id)
+        if stored is None:
+            raise NotFoundError(f"session {session_id!r} does not exist (or has expired)")
+        return stored
+
+    async def list(self, limit: int) -> list[SessionInfo]:
+        return await asyncio.to_thread(self.store.list, limit)
+
+    async def delete(self, session_id: str) -> bool:
+        def delete() -> tuple[bool, int]:
+            return self.store.delete(session_id), self.store.count()
+
+        deleted, count = await asyncio.to_thread(delete)
+        self.core.metric("set_sessions", count)
+        return deleted
+
+
+# ---------------------------------------------------------------- what the servicers reach
+
+class Runtime:
+    """What the servicers reach; `core` is None until the base model has loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.core: InferenceCore | None = None
+
+    def require(self) -> InferenceCore:
+        if self.core is None:
+            raise UnavailableError("the base model is still loading; retry shortly")
+        return self.core
