@@ -1,0 +1,281 @@
+"""Benchmark the engine against what a user writes with PEFT, on the tiny 4-bit base.
+
+In one run, on the same prompts, model and token counts (answers of 16..128 new tokens, fixed by
+min/max tokens for PEFT and `ignore_eos` for the engine):
+  (1) the naive PEFT loop: one request at a time, `set_adapter` then `generate`;
+  (2) PEFT's static mixed-adapter batch: one `generate(adapter_names=...)` for all 16;
+  (3) the engine fed the same 16 requests at once (continuous batching, stacked LoRA);
+  (4) 16 requests over 16 distinct adapters vs 16 over one adapter, engine and PEFT batch.
+Prints a table and writes JSON with --out.
+
+    .venv/bin/python bench/bench_engine.py --base build/tiny-base --out bench_engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROMPTS = [
+    "Hello there", "What is the capital of France?", "Tell me a story about a dog",
+    "hi", "Can you help me plan a trip to the mountains next week?", "Why is the sky blue",
+    "ok", "Write a short poem about the sea", "What should I cook tonight?",
+    "Explain how rain forms", "Give me three tips for sleeping better", "Who are you?",
+    "Summarize the plot of a mystery novel", "How do I fix a flat tyre?", "Thanks!",
+    "What is a good name for a cat?",
+]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def answer_lengths(count: int, shortest: int, longest: int) -> list[int]:
+    """Evenly spread answer lengths from `shortest` to `longest`."""
+    step = (longest - shortest) / max(1, count - 1)
+    return [round(shortest + i * step) for i in range(count)]
+
+
+def write_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
+    """`count` random (non-zero) PEFT LoRA adapters on every linear layer of the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    paths = []
+    for index in range(count):
+        torch.manual_seed(1000 + index)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data.normal_(0.0, 0.05)
+        paths.append(root / f"bench{index}" / "1")
+        peft_model.save_pretrained(paths[-1])
+    return paths
+
+
+def chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    out = []
+    for index in range(count):
+        messages = [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True)
+        out.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
+    return out
+
+
+# -- PEFT -------------------------------------------------------------------------------------
+
+
+def peft_model_with(base: Path, adapters: list[Path]) -> Any:
+    from peft import PeftModel
+
+    from common.modeling import load_base
+
+    model, _ = load_base(str(base))
+    peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+    for index, path in enumerate(adapters[1:], start=1):
+        peft.load_adapter(str(path), adapter_name=f"a{index}")
+    return peft.eval()
+
+
+@torch.inference_mode()
+def naive_loop(peft: Any, prompts: list[list[int]], names: list[str], lengths: list[int],
+               ) -> Measurement:
+    started = time.perf_counter()
+    for prompt, name, length in zip(prompts, names, lengths, strict=True):
+        peft.set_adapter(name)
+        peft.generate(torch.tensor([prompt]), max_new_tokens=length, min_new_tokens=length,
+                      do_sample=False)
+    return Measurement("peft naive loop (set_adapter + generate)", sum(lengths),
+                       time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def peft_mixed_batch(peft: Any, prompts: list[list[int]], names: list[str], lengths: list[int],
+                     pad_id: int, label: str) -> Measurement:
+    """One static batch: every row runs to the longest answer; only asked tokens count."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    started = time.perf_counter()
+    peft.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
+                  max_new_tokens=max(lengths), min_new_tokens=max(lengths), do_sample=False,
+                  pad_token_id=pad_id)
+    return Measurement(label, sum(lengths), time.perf_counter() - started)
+
+
+# -- engine -----------------------------------------------------------------------------------
+
+
+def make_engine(base: Path, adapters: list[Path], max_batch: int) -> Any:
+    from common.modeling import load_base
+    from server.engine import Engine, EngineConfig
+
+    model, tokenizer = load_base(str(base))
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64))
+    for index, path in enumerate(adapters):
+        engine.load_adapter(f"bench{index}@1", path)
+    engine.start()
+    return engine
+
+
+def engine_run(engine: Any, prompts: list[list[int]], keys: list[str | None],
+               lengths: list[int], label: str) -> Measurement:
+    from server.engine import GenerationRequest
+    from server.sampling import SamplingParams
+
+    requests = [
+        GenerationRequest(f"b{i}", prompt, key, SamplingParams(length, ignore_eos=True))
+        for i, (prompt, key, length) in enumerate(zip(prompts, keys, lengths, strict=True))
+    ]
+    started = time.perf_counter()
+    handles = [engine.submit(r) for r in requests]
+    tokens = sum(h.result().completion_tokens for h in handles)
+    return Measurement(label, tokens, time.perf_counter() - started)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Measurement], reference: Measurement) -> None:
+    print(f"{'run':58} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs naive':>9}")
+    for row in rows:
+        speedup = row.tokens_per_s / reference.tokens_per_s
+        print(f"{row.name:58} {row.tokens:7d} {row.seconds:8.2f} {row.tokens_per_s:8.1f} "
+              f"{speedup:8.2f}x")
+
+
+def ensure_base(base: Path | None, work: Path) -> Path:
+    if base is not None:
+        return base
+    from trainer.base import build_base
+
+    target = work / "tiny-base"
+    return target if (target / "config.json").exists() else build_base(target, seed=0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    base = ensure_base(args.base, args.work)
+    from common.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base))
+    count = args.requests
+    prompts = chat_prompts(tokenizer, count)
+    lengths = answer_lengths(count, args.min_tokens, args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = write_adapters(base, Path(tmp), count, args.rank)
+        four = [i % args.adapters for i in range(count)]
+        peft = peft_model_with(base, adapters)
+        engine = make_engine(base, adapters, args.max_batch)
+        try:
+            engine_run(engine, prompts[:2], ["bench0@1", None], [4, 4], "warm-up")
+            naive_loop(peft, prompts[:1], ["a0"], [4])
+            results = measure(engine, peft, prompts, lengths, four, tokenizer.pad_token_id, args)
+        finally:
+            engine.shutdown()
+    return results
+
+
+def one_round(engine: Any, peft: Any, prompts: list[list[int]], lengths: list[int],
+              four: list[int], pad_id: int, args: argparse.Namespace) -> list[Measurement]:
+    """Every measurement once, in a fixed order."""
+    count = len(prompts)
+    naive = naive_loop(peft, prompts, [f"a{i}" for i in four], lengths)
+    mixed = peft_mixed_batch(peft, prompts, [f"a{i}" for i in four], lengths, pad_id,
+                             f"peft mixed batch, {args.adapters} adapters (static)")
+    ours = engine_run(engine, prompts, [f"bench{i}@1" for i in four], lengths,
+                      f"engine, {count} requests over {args.adapters} adapters")
+    same = [args.mix_tokens] * count
+    one = engine_run(engine, prompts, ["bench0@1"] * count, same,
+                     f"engine, {count} x {args.mix_tokens} tokens, 1 adapter")
+    distinct = engine_run(engine, prompts, [f"bench{i}@1" for i in range(count)], same,
+                          f"engine, {count} x {args.mix_tokens} tokens, {count} adapters")
+    peft_one = peft_mixed_batch(peft, prompts, ["a0"] * count, same, pad_id,
+                                f"peft batch, {count} x {args.mix_tokens} tokens, 1 adapter")
+    peft_distinct = peft_mixed_batch(
+        peft, prompts, [f"a{i}" for i in range(count)], same, pad_id,
+        f"peft batch, {count} x {args.mix_tokens} tokens, {count} adapters")
+    return [naive, mixed, ours, one, distinct, peft_one, peft_distinct]
+
+
+def measure(engine: Any, peft: Any, prompts: list[list[int]], lengths: list[int],
+            four: list[int], pad_id: int, args: argparse.Namespace) -> dict[str, Any]:
+    # Rounds interleave all measurements and each keeps its fastest round: on a shared
+    # machine a burst of load from elsewhere otherwise decides the ratios.
+    rounds = [one_round(engine, peft, prompts, lengths, four, pad_id, args)
+              for _ in range(args.rounds)]
+    rows = [min(column, key=lambda m: m.seconds) for column in zip(*rounds, strict=True)]
+    naive, mixed, ours, one, distinct, peft_one, peft_distinct = rows
+    print_table(rows, naive)
+    summary = {
+        "engine_vs_naive": ours.tokens_per_s / naive.tokens_per_s,
+        "engine_vs_peft_mixed_batch": ours.tokens_per_s / mixed.tokens_per_s,
+        "engine_16_adapters_vs_1": distinct.tokens_per_s / one.tokens_per_s,
+        "peft_16_adapters_vs_1": peft_distinct.tokens_per_s / peft_one.tokens_per_s,
+    }
+    print(f"engine / naive loop: {summary['engine_vs_naive']:.2f}x (target >= 8)")
+    print(f"engine 16 adapters / 1 adapter: {summary['engine_16_adapters_vs_1']:.2f} "
+          f"(target >= 0.7); PEFT batch: {summary['peft_16_adapters_vs_1']:.2f}")
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": args.threads, "load_average": os.getloadavg()},
+        "answer_lengths": lengths,
+        "rounds": args.rounds,
+        "runs": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in rows],
+        "all_rounds": [[asdict(r) for r in one] for one in rounds],
+        "summary": summary,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, default=None,
+                        help="tiny base directory (built under --work when omitted)")
+    parser.add_argument("--work", type=Path, default=Path("build/bench"))
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--min-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--mix-tokens", type=int, default=64,
+                        help="answer length in the 16-adapters vs 1-adapter comparison")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="repeat every measurement; each reports its fastest round")
+    args = parser.parse_args(argv)
+    results = run(args)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Stacked multi-adapter LoRA math: every loaded adapter's A and B, gathered per row.
+
+Each targeted Linear / Linear4bit of the base is wrapped once by `StackedLoraLinear`, which
+keeps the A and (scaled) B of every slot stacked in one tensor per layer. A forward gathers the
+rows' slices and runs two batched matmuls, so a step costs about the same whether its rows
+share one adapter or use sixteen (the BGMV idea of Punica and S-LoRA, in plain torch). Slot 0
+is all zeros: the bare base. Ranks are padded with zeros to `max_rank`; a forward only uses the
+largest rank among its rows. `LoraStack` owns the wrappers and the `LoraContext` they read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BASE_SLOT = 0
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module's LoRA factors as PEFT stores them: A (r, in), B (out, r), and alpha/r."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+class LoraContext:
+    """Which slot each row of the current forward uses; shared by every wrapped layer.
+
+    `version` changes whenever the routing or any slot's weights change, so layers can keep
+    their gathered slices across decode steps of an unchanged batch.
+    """
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # (B,) long; None = no LoRA this forward
+        self.rank = 0
+        self.version = 0
+
+    def set(self, slots: torch.Tensor | None, rank: int) -> None:
+        self.slots = slots if rank > 0 else None
+        self.rank = rank
+        self.version += 1
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A plain or bitsandbytes 4-bit Linear (the layers LoRA can target here)."""
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # the CPU build without bitsandbytes only has plain Linear layers
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+class StackedLoraLinear(nn.Module):
+    """A base Linear plus the LoRA of every slot: y = base(x) + B[s] (A[s] x) per row."""
+
+    def __init__(
+        self, base_layer: nn.Module, context: LoraContext, num_slots: int, max_rank: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        # Rank in dim 1, so a rank prefix is one slice: A (S, R, in), B^T (S, R, out).
+        self.register_buffer(
+            "lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "lora_bt",
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
+        )
+        self._gathered_version = -1
+        self._a_rows: torch.Tensor | None = None
+        self._bt_rows: torch.Tensor | None = None
+
+    def install(self, slot: int, weights: LoraWeights | None) -> None:
+        """Write one slot (zeros beyond the adapter's rank; all zeros when `weights` is None)."""
+        self.lora_a[slot].zero_()
+        self.lora_bt[slot].zero_()
+        if weights is not None:
+            r = weights.rank
+            self.lora_a[slot, :r].copy_(weights.a)
+            # Fold alpha/r into B once, so the forward needs no per-row scaling.
+            self.lora_bt[slot, :r].copy_(weights.b.t() * weights.scaling)
+
+    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        if self._gathered_version != ctx.version:
+            r = ctx.rank
+            # Per-row slices of the stacks, gathered once per batch layout, not once per step.
+            # Slice the rank before gathering, so only r of max_rank rows are copied.
+            a_rows = self.lora_a[:, :r].index_select(0, ctx.slots)  # (B, r, in)
+            self._a_rows = a_rows.transpose(1, 2).contiguous()  # (B, in, r): bmm-ready
+            self._bt_rows = self.lora_bt[:, :r].index_select(0, ctx.slots)  # (B, r, out)
+            self._gathered_version = ctx.version
+        return self._a_rows, self._bt_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, T, out)
+        if self.context.slots is None:
+            return result
+        if x.shape[0] != self.context.slots.shape[0]:
+            raise ValueError(
+                f"LoRA routing has {self.context.slots.shape[0]} rows but the batch has "
+                f"{x.shape[0]}"
+            )
+        a_rows, bt_rows = self._gather()
+        if x.dtype != a_rows.dtype:
+            x = x.to(a_rows.dtype)
+        h = torch.bmm(x, a_rows)  # (B, T, in) @ (B, in, r) -> (B, T, r)
+        if result.dtype == h.dtype:
+            # result + h @ B^T in one kernel: (B, T, r) @ (B, r, out) -> (B, T, out)
+            return torch.baddbmm(result, h, bt_rows)
+        return result + torch.bmm(h, bt_rows).to(result.dtype)
+
+
+def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class LoraStack:
+    """All slots of every wrapped layer of one base model; mutated only on the engine thread."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+        if num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2 (slot 0 is the base), got {num_slots}")
+        self.model = model
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.context = LoraContext()
+        self._dtype, self._device = _compute_dtype_and_device(model)
+        self._wrapped: dict[str, StackedLoraLinear] = {}
+        self._slot_ranks = [0] * num_slots
+        self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        # (in_features, out_features) of every LoRA-able Linear, for validating adapters on
+        # any thread: immutable after construction.
+        self.module_shapes: Mapping[str, tuple[int, int]] = {
+            name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if is_linear(module) and not isinstance(module, StackedLoraLinear)
+        }
+
+    def slice_bytes(self, module_names: Sequence[str]) -> int:
+        """Bytes one slot takes in the given modules' stacks (ranks padded to max_rank)."""
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
+        return sum(
+            self.max_rank * (self.module_shapes[n][0] + self.module_shapes[n][1]) * itemsize
+            for n in module_names
+        )
+
+    def install(self, slot: int, modules: Mapping[str, LoraWeights]) -> int:
+        """Put an adapter into `slot` (clearing what was there); return its memory in bytes."""
+        if not 0 < slot < self.num_slots:
+            raise ValueError(f"slot must be in 1..{self.num_slots - 1}, got {slot}")
+        for name in modules:
+            self._wrap(name)
+        for name in self._slot_modules[slot] - modules.keys():
+            self._wrapped[name].install(slot, None)
+        for name, weights in modules.items():
+            self._wrapped[name].install(slot, weights)
+        self._slot_modules[slot] = frozenset(modules)
+        self._slot_ranks[slot] = max(w.rank for w in modules.values())
+        self.context.version += 1  # cached gathers may hold this slot's old weights
+        return self.slice_bytes(list(modules))
+
+    def _wrap(self, name: str) -> None:
+        if name in self._wrapped:
+            return
+        parent, child = _parent_and_name(self.model, name)
+        wrapper = StackedLoraLinear(
+            getattr(parent, child), self.context, self.num_slots, self.max_rank,
+            self._dtype, self._device,
+        )
+        setattr(parent, child, wrapper)
+        self._wrapped[name] = wrapper
+
+    def route(self, slots: Sequence[int]) -> None:
+        """Set the per-row slots for the next forward passes (slot 0 = bare base)."""
+        empty = sorted({s for s in slots if s != BASE_SLOT and self._slot_ranks[s] == 0})
+        if empty:
+            raise ValueError(f"rows are routed to LoRA slots with no adapter installed: {empty}")
+        rank = max((self._slot_ranks[s] for s in slots), default=0)
+        if rank == 0:
+            self.context.set(None, 0)
+            return
+        index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
+        self.context.set(index, rank)
+
+
+def _compute_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype activations flow in (the embeddings'), and the model's device."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.dtype, embeddings.weight.device

@@ -1,0 +1,176 @@
+"""Per-request sampling settings and the per-row next-token choice for one batched step.
+
+Owns `SamplingParams` (validated), the batched sampler (greedy rows in one argmax, the rest
+with temperature / top-k / top-p / repetition penalty and a per-row seeded generator) and the
+stop-sequence matcher that decides how much generated text is safe to stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. `max_new_tokens=0` means the engine's default.
+
+    `ignore_eos` keeps generating past end-of-sequence tokens (benchmarks fix answer lengths
+    with it); stop strings still apply.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=0)
+        _check_int("top_k", self.top_k, minimum=0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}"
+            )
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+        # A list given by a caller becomes a tuple so the params stay hashable and immutable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_default_length(self, default_max_new_tokens: int) -> SamplingParams:
+        """These params with `max_new_tokens` filled in when the caller left it at 0."""
+        if self.max_new_tokens:
+            return self
+        return replace(self, max_new_tokens=default_max_new_tokens)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class RowSampler:
+    """One request's sampling state: its params, its RNG and the token ids it has seen."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    seen_ids: torch.Tensor  # (n,) prompt + generated ids, for the repetition penalty
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: Sequence[int]) -> RowSampler:
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+        return cls(params, generator, torch.tensor(list(prompt_ids), dtype=torch.long))
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a penalty: the batch can take it in a single argmax."""
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
+    def observe(self, token_id: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen_ids = torch.cat([self.seen_ids, torch.tensor([token_id])])
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick the next token from one row's logits (V,)."""
+        logits = self._penalized(logits.float())
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        probs = _filtered_probs(logits / self.params.temperature, self.params)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        penalty = self.params.repetition_penalty
+        if penalty == 1.0 or self.seen_ids.numel() == 0:
+            return logits
+        # CTRL-style penalty as in transformers: shrink positive logits, grow negative ones.
+        logits = logits.clone()
+        seen = logits[self.seen_ids]
+        logits[self.seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Softmax of (V,) logits after top-k and top-p filtering."""
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
+    """Next token for each row of `logits` (B, V); greedy rows share one argmax."""
+    tokens = torch.argmax(logits, dim=-1).tolist()  # (B,): the answer for plain-greedy rows
+    special = [i for i, row in enumerate(rows) if not row.plain_greedy]
+    if special:
+        # The rows' generators and seen ids live on the CPU; one copy serves every such row.
+        host = logits.float().cpu()
+        for index in special:
+            tokens[index] = rows[index].choose(host[index])
+    for row, token in zip(rows, tokens, strict=True):
+        row.observe(token)
+    return tokens
+
+
+@dataclass(frozen=True)
+class StopCheck:
+    """Where a text stops (`stop_at`, or None) and how much of it is safe to stream so far."""
+
+    stop_at: int | None
+    safe_len: int
+
+
+def check_stop(text: str, stop: Sequence[str], start: int = 0) -> StopCheck:
+    """Find the first stop string in `text` at or after `start` (a stop string may begin in
+    text already checked but not yet streamed), and hold back any tail that could still grow
+    into one."""
+    if not stop:
+        return StopCheck(None, len(text))
+    hits = [pos for s in stop if (pos := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    if hits:
+        return StopCheck(min(hits), min(hits))
+    return StopCheck(None, len(text) - _partial_stop_len(text, stop))
+
+
+def _partial_stop_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    longest = 0
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,245 @@
+"""The engine end to end on the real tiny 4-bit base: batching invariance, PEFT parity, joins,
+cancellation, deadlines, queue limits, adapter pins and eviction, scoring, observer hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.modeling import load_base
+from server.adapter_cache import AdapterNotLoadedError
+from server.engine import Engine, EngineConfig, GenerationRequest
+from server.errors import (
+    AdapterCapacityError,
+    AdapterInUseError,
+    InvalidArgumentError,
+    QueueFullError,
+    UnavailableError,
+)
+from server.request import FinishEvent, RequestHandle, TokenEvent
+from server.sampling import SamplingParams
+
+ADAPTERS = [None, "alpha@1", "alpha@2", "beta@1"]
+TEXTS = [
+    "Hello there", "What is the capital of France?", "Tell me a story about a dog",
+    "hi", "Can you help me plan a trip to the mountains next week?", "Why is the sky blue",
+    "ok", "Write a short poem about the sea and the wind and the rain",
+]
+
+
+class Recorder:
+    """An engine observer that remembers every hook call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, hook: str):
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+        return lambda *args: self.calls.append((hook, *args))
+
+    def named(self, hook: str) -> list[tuple]:
+        return [c[1:] for c in self.calls if c[0] == hook]
+
+
+def _adapter_dir(root: Path, key: str) -> Path:
+    name, version = key.split("@")
+    return root / name / version
+
+
+def _new_engine(base: Path, root: Path, keys: list[str], **config: int) -> Engine:
+    torch.set_num_threads(2)
+    model, tokenizer = load_base(str(base))
+    engine = Engine(model, tokenizer, EngineConfig(**config), observer=Recorder())
+    for key in keys:
+        engine.load_adapter(key, _adapter_dir(root, key))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, adapters_root: Path):
+    eng = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"],
+                      max_loaded_adapters=4)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts(engine: Engine) -> list[list[int]]:
+    return [engine.tokenizer.encode(t) for t in TEXTS]
+
+
+def _request(rid: str, prompt: list[int], adapter: str | None, n: int, **sampling) -> (
+        GenerationRequest):
+    return GenerationRequest(rid, prompt, adapter, SamplingParams(max_new_tokens=n, **sampling))
+
+
+def _collect(handle: RequestHandle, seen: tuple = ()) -> tuple[list[int], FinishEvent]:
+    """Token ids and the finish event of a stream (`seen`: events already read from it)."""
+    tokens, finish, text = [], None, ""
+    for event in [*seen, *handle]:
+        if isinstance(event, TokenEvent):
+            tokens += event.token_ids
+            text += event.text_delta
+        else:
+            finish = event
+    assert finish is not None and finish.text == text  # the deltas add up to the final text
+    return tokens, finish
+
+
+def _mixed_requests(prompts: list[list[int]]) -> list[GenerationRequest]:
+    """16 rows over the base and three adapters, prompt lengths 1..14, answers 6..34 and one
+    of 100 (past the KV cache's first capacity, so it grows in place)."""
+    return [
+        _request(f"mix{i}", prompts[i % len(prompts)], ADAPTERS[i % 4],
+                 100 if i == 15 else 6 + 2 * i, ignore_eos=i % 2 == 0 or i == 15)
+        for i in range(16)
+    ]
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch_of_16(engine, prompts):
+    requests = _mixed_requests(prompts)
+    alone = [_collect(engine.submit(r))[0] for r in requests]
+    handles = [engine.submit(r) for r in requests]
+    together = [_collect(h)[0] for h in handles]
+    for request, a, b in zip(requests, alone, together, strict=True):
+        assert a == b, f"{request.request_id} ({request.adapter or 'base'}) differs in a batch"
+    assert len({tuple(t) for t in alone}) > 8  # the adapters really answer differently
+
+
+def test_rows_joining_mid_stream_do_not_change_running_rows(engine, prompts):
+    first = [_request(f"early{i}", prompts[i], ADAPTERS[i], 20, ignore_eos=True)
+             for i in range(4)]
+    late = [_request(f"late{i}", prompts[4 + i], ADAPTERS[3 - i], 10, ignore_eos=True)
+            for i in range(4)]
+    expected = {r.request_id: _collect(engine.submit(r))[0] for r in first + late}
+    early_handles = [engine.submit(r) for r in first]
+    seen = [next(early_handles[0]) for _ in range(5)]  # the batch is well under way
+    late_handles = [engine.submit(r) for r in late]
+    got = {r.request_id: _collect(h)[0] for r, h in zip(late, late_handles, strict=True)}
+    got[first[0].request_id] = _collect(early_handles[0], tuple(seen))[0]
+    for request, handle in zip(first[1:], early_handles[1:], strict=True):
+        got[request.request_id] = _collect(handle)[0]
+    assert got == expected
+
+
+def test_lora_greedy_tokens_equal_peft_generate(engine, prompts, tiny_base, adapters_root):
+    from peft import PeftModel
+
+    base, _ = load_base(str(tiny_base))
+    peft_model = PeftModel.from_pretrained(base, str(_adapter_dir(adapters_root, "alpha@1")))
+    for prompt in prompts[:3]:
+        with torch.inference_mode():
+            out = peft_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        expected = out[0, len(prompt):].tolist()
+        got, _ = _collect(engine.submit(_request("peft", prompt, "alpha@1", 24)))
+        assert got == expected
+
+
+def test_score_equals_peft_log_likelihood(engine, prompts, tiny_base, adapters_root):
+    from peft import PeftModel
+
+    base, _ = load_base(str(tiny_base))
+    peft_model = PeftModel.from_pretrained(base, str(_adapter_dir(adapters_root, "beta@1")))
+    prompt, target = prompts[1], prompts[2]
+    with torch.inference_mode():
+        logits = peft_model(torch.tensor([prompt + target])).logits[0].float()
+    log_probs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    expected = float(log_probs.gather(1, torch.tensor(target)[:, None]).sum())
+    result = engine.score(prompt, target, "beta@1")
+    assert result.token_count == len(target)
+    assert result.log_likelihood == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert engine.score(prompt, target, None).log_likelihood != pytest.approx(expected)
+
+
+def test_cancel_ends_a_running_request_with_cancelled(engine, prompts):
+    handle = engine.submit(_request("cancel", prompts[0], "alpha@1", 500, ignore_eos=True))
+    first = next(handle)
+    handle.cancel()
+    tokens, finish = _collect(handle, (first,))
+    assert finish.reason == "cancelled"
+    assert finish.completion_tokens < 500
+    assert engine.loaded_adapters()["alpha@1"].in_flight == 0
+
+
+def test_deadline_passed_cancels_before_any_token(engine, prompts):
+    request = GenerationRequest("late", prompts[0], "beta@1", SamplingParams(max_new_tokens=8),
+                                deadline=time.monotonic() - 1)
+    tokens, finish = _collect(engine.submit(request))
+    assert (tokens, finish.reason, finish.ttft_s) == ([], "cancelled", None)
+
+
+def test_async_iteration_and_stop_sequence(engine, prompts):
+    full, finish = _collect(engine.submit(_request("s", prompts[5], None, 40, ignore_eos=True)))
+    text = finish.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3
+
+    async def consume(handle: RequestHandle) -> list:
+        return [event async for event in handle]
+
+    handle = engine.submit(_request("s2", prompts[5], None, 40, ignore_eos=True, stop=(stop,)))
+    events = asyncio.run(consume(handle))
+    final = events[-1]
+    assert isinstance(final, FinishEvent) and final.reason == "stop"
+    assert final.text == text[: text.index(stop)]
+    assert "".join(e.text_delta for e in events[:-1]) == final.text
+
+
+def test_seeded_sampling_is_reproducible(engine, prompts):
+    def sample(seed: int) -> list[int]:
+        request = _request("t", prompts[2], "alpha@2", 16, temperature=1.0, top_k=50,
+                           top_p=0.9, seed=seed, ignore_eos=True)
+        return _collect(engine.submit(request))[0]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_unknown_adapter_and_bad_token_ids_are_refused_at_submit(engine, prompts):
+    with pytest.raises(AdapterNotLoadedError, match="alpha@1"):
+        engine.submit(_request("x", prompts[0], "nope@1", 4))
+    with pytest.raises(InvalidArgumentError, match="outside the vocabulary"):
+        engine.submit(_request("x", [1, 10**9], "alpha@1", 4))
+    assert engine.loaded_adapters()["alpha@1"].in_flight == 0
+
+
+def test_observer_sees_loads_steps_and_tokens(engine, prompts):
+    observer = engine.observer
+    assert {c[0] for c in observer.named("on_adapter_loaded")} >= {"alpha@1", "alpha@2", "beta@1"}
+    before = len(observer.named("on_token"))
+    tokens, _ = _collect(engine.submit(_request("obs", prompts[3], "beta@1", 5, ignore_eos=True)))
+    assert len(observer.named("on_token")) - before == len(tokens) == 5
+    assert any(step[0] > 0 for step in observer.named("on_step"))
+
+
+def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):
+    engine = _new_engine(tiny_base, adapters_root, [], max_queue=2)  # not started: nothing runs
+    handles = [engine.submit(_request(f"q{i}", [5, 6, 7], None, 4)) for i in range(2)]
+    with pytest.raises(QueueFullError, match="full"):
+        engine.submit(_request("q3", [5, 6, 7], None, 4))
+    engine.shutdown()
+    for handle in handles:
+        with pytest.raises(UnavailableError):
+            list(handle)
+
+
+def test_eviction_never_evicts_pinned_adapters(tiny_base, adapters_root):
+    engine = _new_engine(tiny_base, adapters_root, ["alpha@1", "beta@1"], max_loaded_adapters=2)
+    engine.submit(_request("pin", [5, 6, 7], "alpha@1", 4))  # waits (engine not started): pinned
+    engine.score([5, 6], [7], "beta@1")  # beta is now the most recently used, alpha the least
+    engine.load_adapter("alpha@2", _adapter_dir(adapters_root, "alpha@2"))
+    assert set(engine.loaded_adapters()) == {"alpha@1", "alpha@2"}
+    assert engine.observer.named("on_adapter_evicted") == [("beta@1",)]
+    engine.submit(_request("pin2", [5, 6, 7], "alpha@2", 4))
+    with pytest.raises(AdapterCapacityError, match="in use"):
+        engine.load_adapter("beta@1", _adapter_dir(adapters_root, "beta@1"))
+    with pytest.raises(AdapterInUseError):
+        engine.unload_adapter("alpha@1")
+    engine.shutdown()
+    assert all(info.in_flight == 0 for info in engine.loaded_adapters().values())

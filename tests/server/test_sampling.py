@@ -1,0 +1,99 @@
+"""Sampling settings, the per-row sampler, stop strings, and incremental detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.modeling import load_tokenizer
+from server.detokenize import IncrementalDetokenizer
+from server.sampling import RowSampler, SamplingParams, StopCheck, check_stop, sample_batch
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("temperature", -0.1), ("top_p", 0.0),
+    ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0.0), ("seed", -3),
+    ("stop", "END"), ("stop", ("",)),
+])
+def test_invalid_params_name_the_field_and_value(field, value):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{"max_new_tokens": 4, field: value})
+    assert field in str(info.value) and repr(value) in str(info.value)
+
+
+def test_defaults_and_normalisation():
+    params = SamplingParams(max_new_tokens=0, stop=["a", "b"])
+    assert params.stop == ("a", "b") and params.greedy
+    assert params.with_default_length(128).max_new_tokens == 128
+    assert SamplingParams(max_new_tokens=5).with_default_length(128).max_new_tokens == 5
+
+
+def _rows(n: int, **params) -> list[RowSampler]:
+    return [RowSampler.create(SamplingParams(max_new_tokens=4, **params), [1, 2]) for _ in range(n)]
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = torch.randn(3, 50)
+    assert sample_batch(logits, _rows(3)) == logits.argmax(-1).tolist()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_even_when_sampling():
+    logits = torch.randn(2, 50)
+    expected = logits.argmax(-1).tolist()
+    assert sample_batch(logits, _rows(2, temperature=1.5, top_k=1)) == expected
+    assert sample_batch(logits, _rows(2, temperature=1.5, top_p=1e-6)) == expected
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
+    logits = torch.zeros(1, 1000)  # uniform: the seed alone decides
+
+    def draw(seed: int, batch: int) -> list[int]:
+        rows = [RowSampler.create(SamplingParams(4, temperature=1.0, seed=seed), [0])]
+        rows += _rows(batch - 1, temperature=1.0)
+        return [sample_batch(logits.repeat(batch, 1), rows)[0] for _ in range(5)]
+
+    assert draw(11, 1) == draw(11, 4)
+    assert draw(11, 1) != draw(12, 1)
+
+
+def test_repetition_penalty_avoids_seen_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 0.0]])
+    row = RowSampler.create(SamplingParams(4, repetition_penalty=2.0), prompt_ids=[1])
+    assert sample_batch(logits, [row]) == [2]
+    assert sample_batch(logits, [row]) == [1]  # 1 (1.5) now beats the seen 2 (1.45)
+
+
+@pytest.mark.parametrize(("text", "start", "stop_at", "safe"), [
+    ("hello there", 0, None, 11),
+    ("hello wor", 0, None, 6),  # "wor" may grow into "world": held back
+    ("say world now", 0, 4, 4),
+    ("say world now", 6, 4, 4),  # a match that began before `start` is still found
+])
+def test_check_stop(text, start, stop_at, safe):
+    assert check_stop(text, ("world",), start) == StopCheck(stop_at, safe)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base: Path):
+    return load_tokenizer(str(tiny_base))
+
+
+def test_incremental_detokenization_matches_a_full_decode(tokenizer):
+    prompt = tokenizer.encode("User: say something")
+    text = "Café naïve — 你好, world 🙂! ok"
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas)  # incomplete UTF-8 is held back, not shown
+
+
+def test_byte_fallback_pieces_are_held_until_complete(tokenizer):
+    ids = tokenizer.encode("🙂")
+    detok = IncrementalDetokenizer(tokenizer, [])
+    shown = [detok.push(t) for t in ids]
+    if len(ids) > 1:  # the emoji spans several byte tokens: nothing until the last one
+        assert shown[:-1] == [""] * (len(ids) - 1)
+    assert "".join(shown) + detok.flush() == "🙂"
