@@ -251,16 +251,24 @@ class InferenceCore:
         if adapter is not None:
             self.engine.load_adapter(adapter.key, adapter.path)
         text = _transcript(messages)
-        room = self.limits.context_length - SUMMARY_MAX_NEW_TOKENS
+        window = self.limits.context_length
+        # A small window still gets a summary: its answer may use at most a quarter of it.
+        max_new = min(SUMMARY_MAX_NEW_TOKENS, max(1, window // 4))
+        room = window - max_new
         ids = self.renderer.render([Message("system", SUMMARY_INSTRUCTION), Message("user", text)])
         while len(ids) > room and len(text) > 1:
-            text = text[len(text) // 4:]  # keep the most recent part of an oversized transcript
+            text = text[max(1, len(text) // 4):]  # keep the most recent part of the transcript
             ids = self.renderer.render([Message("system", SUMMARY_INSTRUCTION),
                                         Message("user", text)])
+        if len(ids) > room:
+            raise ContextOverflowError(
+                f"the summarize strategy needs {len(ids)} prompt tokens for its summary but the "
+                f"{window}-token window leaves {room}; raise context_length or choose "
+                "drop_oldest, sliding_window or middle_out")
         request = GenerationRequest(
             request_id=f"{current_request_id()}-summary", prompt_ids=ids,
             adapter=adapter.key if adapter else None,
-            sampling=SamplingParams(max_new_tokens=SUMMARY_MAX_NEW_TOKENS))
+            sampling=SamplingParams(max_new_tokens=max_new))
         for event in self.engine.submit(request):
             if isinstance(event, FinishEvent):
                 return event.text.strip()

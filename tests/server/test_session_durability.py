@@ -1,0 +1,254 @@
+"""Sessions survive the real server process dying: `kill -9` mid-stream and a clean SIGTERM.
+
+The server runs as `python -m server.cli serve` in a subprocess on a SQLite sessions file; each
+test kills it, starts a new process on the same file and reads the sessions back over gRPC.
+A turn counts as completed once its final chunk (or unary reply) reached the client: every such
+turn must come back exactly, and a killed answer must leave no trace (not even a user message).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clients.client import SwitchboardClient
+from clients.errors import SwitchboardRpcError
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEM = {"role": "system", "content": "Be brief."}
+SHORT = 8
+# The killed answer must still be generating when the kill lands: its adapter is checked to run
+# at least PROBE tokens without stopping, and the kill follows its KILL_AFTER-th token.
+PROBE = 96
+KILL_AFTER = 4
+START_TIMEOUT_S = 120.0
+
+Messages = list[dict[str, str]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """One `server.cli serve` process on a fresh port; its log goes to a file for failures."""
+
+    def __init__(self, base: Path, adapters: Path, db: Path, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
+                "--adapters-root", str(adapters), "--port", str(self.port), "--device", "cpu",
+                "--sessions-db", str(db), "--shutdown-grace-seconds", "1"]
+        with log.open("a") as sink:
+            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink)
+        self.client = SwitchboardClient(self.target, retries=0)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def wait_serving(self) -> ServerProcess:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if self.client.health(timeout=2) == "SERVING":
+                    return self
+            except SwitchboardRpcError:
+                pass  # not listening yet, or still loading the base
+            time.sleep(0.2)
+        pytest.fail(f"server not SERVING after {START_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def kill(self, sig: signal.Signals) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def ensure_dead(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=60)
+        self.client.close()
+
+
+@pytest.fixture
+def start_server(tiny_base: Path, adapters_root: Path, tmp_path: Path) -> Iterator:
+    """Starts servers on one sessions file (tmp_path/s.db); kills any left running at the end."""
+    adapters = shutil.copytree(adapters_root, tmp_path / "adapters")
+    started: list[ServerProcess] = []
+
+    def start() -> ServerProcess:
+        server = ServerProcess(tiny_base, adapters, tmp_path / "s.db", tmp_path / "server.log")
+        started.append(server)
+        return server.wait_serving()
+
+    yield start
+    for server in started:
+        server.ensure_dead()
+
+
+def run_turns(client: SwitchboardClient, session: str, texts: list[str],
+              stream: bool = False) -> Messages:
+    """Completed turns, sent the way a client keeps a session: only the new message each time
+    (the system prompt with the first); returns the conversation the server must now hold."""
+    held: Messages = []
+    for text in texts:
+        new = [SYSTEM] if not held else []
+        new.append({"role": "user", "content": text})
+        if stream:
+            chunks = list(client.chat_stream(new, max_new_tokens=SHORT, session_id=session,
+                                             timeout=60))
+            result = chunks[-1].final
+            assert result is not None and "".join(c.delta for c in chunks) == result.text
+        else:
+            result = client.chat(new, max_new_tokens=SHORT, session_id=session, timeout=60)
+        assert result.finish_reason in ("stop", "length") and result.session_id == session
+        held += [*new, {"role": "assistant", "content": result.text}]
+    return held
+
+
+def long_answering_adapter(client: SwitchboardClient, conversation: Messages) -> str:
+    """An adapter whose greedy answer to `conversation` runs past PROBE tokens (asked without a
+    session, so nothing is stored): the kill then surely lands mid-answer."""
+    for candidate in ("beta@1", "alpha@2", "alpha@1", ""):
+        reply = client.chat(conversation, adapter=candidate, max_new_tokens=PROBE, timeout=60)
+        if reply.finish_reason == "length":
+            return candidate
+    pytest.fail(f"no fixture adapter answers {PROBE} tokens without stopping")
+
+
+def stored(client: SwitchboardClient, session: str) -> Messages | None:
+    try:
+        return client.get_session(session, timeout=30).messages
+    except SwitchboardRpcError as err:
+        assert err.code == "NOT_FOUND", err
+        return None
+
+
+class Traffic(threading.Thread):
+    """Short turns on one session until the server goes away; `acked` holds the conversation
+    as far as the client saw answers complete."""
+
+    def __init__(self, target: str, session: str) -> None:
+        super().__init__(daemon=True)
+        self.client = SwitchboardClient(target, retries=0)
+        self.session = session
+        self.acked: Messages = []
+        self.turns = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                text = f"traffic turn {self.turns}"
+                message = {"role": "user", "content": text}
+                result = self.client.chat([message], max_new_tokens=4, session_id=self.session,
+                                          timeout=30)
+                self.acked += [message, {"role": "assistant", "content": result.text}]
+                self.turns += 1
+        except SwitchboardRpcError as err:
+            self.error = err  # expected: the server was killed
+        finally:
+            self.client.close()
+
+
+def stream_until(client: SwitchboardClient, conversation: Messages, adapter: str,
+                 session: str) -> Iterator:
+    """Start a long streamed answer on `session`; return its iterator once KILL_AFTER tokens
+    have arrived and no final chunk has."""
+    stream = client.chat_stream(conversation, adapter=adapter, max_new_tokens=1000,
+                                session_id=session, timeout=120)
+    for chunk in stream:
+        assert chunk.final is None, "the long answer finished before the kill"
+        if chunk.completion_tokens >= KILL_AFTER:
+            return stream
+    pytest.fail("the long answer ended without a final chunk")
+
+
+def drained(stream: Iterator) -> list:
+    """What was still buffered for a killed stream; it must end in an error, never a final."""
+    finals = []
+    with pytest.raises(SwitchboardRpcError) as info:
+        for chunk in stream:
+            if chunk.final is not None:
+                finals.append(chunk.final)
+    assert info.value.code in ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED"), info.value
+    return finals
+
+
+def test_kill_9_mid_stream_keeps_every_completed_turn_and_no_partial_one(start_server) -> None:
+    first = start_server()
+    client = first.client
+    held = run_turns(client, "dur-a", ["hello there", "what is LoRA?", "and batching?"])
+    held_b = run_turns(client, "dur-b", ["one", "two"], stream=True)
+
+    question = {"role": "user", "content": "tell me everything, at length"}
+    adapter_a = long_answering_adapter(client, [*held, question])
+    fresh = [SYSTEM, {"role": "user", "content": "hello there"}]
+    adapter_fresh = long_answering_adapter(client, fresh)
+
+    traffic = Traffic(first.target, "dur-traffic")
+    traffic.start()
+    deadline = time.monotonic() + 60
+    while traffic.turns < 2 and traffic.error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert traffic.turns >= 2, traffic.error
+
+    killed_a = stream_until(client, [question], adapter_a, "dur-a")
+    killed_fresh = stream_until(client, fresh, adapter_fresh, "dur-fresh")
+    assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+    traffic.join(timeout=60)
+    assert not traffic.is_alive() and traffic.error is not None
+    assert drained(killed_a) == [] and drained(killed_fresh) == []
+
+    second = start_server()
+    client = second.client
+    assert stored(client, "dur-a") == held  # every completed turn, exactly; the killed one absent
+    assert stored(client, "dur-b") == held_b
+    assert stored(client, "dur-fresh") is None  # a killed first turn creates no session
+    # Traffic: every acknowledged turn; at most one more, whole, whose reply the kill swallowed.
+    after = stored(client, "dur-traffic")
+    assert after is not None and after[:len(traffic.acked)] == traffic.acked
+    assert len(after) - len(traffic.acked) in (0, 2)
+    assert [m["role"] for m in after] == ["user", "assistant"] * (len(after) // 2)
+
+    # The restarted server carries on with the stored conversation.
+    more = run_turns(client, "dur-a", ["still there?"])
+    assert stored(client, "dur-a") == held + more[1:]  # run_turns resent the system prompt
+    ids = {s.session_id for s in client.list_sessions(timeout=30)}
+    assert {"dur-a", "dur-b", "dur-traffic"} <= ids and "dur-fresh" not in ids
+
+
+def test_sessions_survive_a_clean_sigterm_restart(start_server) -> None:
+    first = start_server()
+    held = run_turns(first.client, "clean-a", ["hello there", "what is LoRA?"])
+    held_b = run_turns(first.client, "clean-b", ["hi"], stream=True)
+    assert first.kill(signal.SIGTERM) == 0
+    assert "stopped" in first.log_tail()
+
+    second = start_server()
+    client = second.client
+    assert stored(client, "clean-a") == held and stored(client, "clean-b") == held_b
+    listed = {s.session_id: s.message_count for s in client.list_sessions(timeout=30)}
+    assert listed == {"clean-a": len(held), "clean-b": len(held_b)}
+    reply = client.chat([{"role": "user", "content": "and now?"}], max_new_tokens=SHORT,
+                        session_id="clean-a", timeout=60)
+    alone = client.chat([SYSTEM, {"role": "user", "content": "and now?"}],
+                        max_new_tokens=SHORT, timeout=60)
+    assert reply.prompt_tokens > alone.prompt_tokens  # the restored history went into the prompt
+    assert stored(client, "clean-a") == [*held, {"role": "user", "content": "and now?"},
+                                         {"role": "assistant", "content": reply.text}]
