@@ -31,7 +31,11 @@ from server.errors import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Adapters made by `trainer fit` carry a manifest; plain PEFT adapters from elsewhere may not, and
+# are then matched on adapter_config.json's base_model_name_or_path instead.
+MANIFEST = "manifest.json"
+PEFT_BASE_PREFIX = "peft-base:"
 ALIASES_FILE = "aliases.json"
 HISTORY_FILE = "alias_history.jsonl"
 MAX_REASON_CHARS = 4096
@@ -117,17 +121,34 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise AdapterLoadError(f"{path / 'manifest.json'} is unreadable: {e}") from e
+        raise AdapterLoadError(f"{path / MANIFEST} is unreadable: {e}") from e
     if not isinstance(manifest, dict):
-        raise AdapterLoadError(f"{path / 'manifest.json'} is not a JSON object")
+        raise AdapterLoadError(f"{path / MANIFEST} is not a JSON object")
     return manifest
 
 
 def _manifest_fingerprint(manifest: dict[str, Any]) -> str:
     base = manifest.get("base")
     return str(base.get("fingerprint", "")) if isinstance(base, dict) else ""
+
+
+def _peft_base_name(path: Path) -> str:
+    """adapter_config.json's base_model_name_or_path ('' when absent or unreadable)."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterLoadError(f"{path / 'adapter_config.json'} is unreadable: {e}") from e
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def same_base_name(recorded: str, served: str) -> bool:
+    """A PEFT config names its base by path or hub id; equal ids or equal final path parts match."""
+    if not recorded or not served:
+        return False
+    return recorded == served or Path(recorded).name == Path(served.rstrip("/")).name
 
 
 def _lora_rank(path: Path) -> int:
@@ -142,9 +163,10 @@ def _lora_rank(path: Path) -> int:
 class AdapterRegistry:
     """Thread-safe view of `<root>`; rescans the disk when asked for something it does not know."""
 
-    def __init__(self, root: Path, base_fingerprint: str) -> None:
+    def __init__(self, root: Path, base_fingerprint: str, base_id: str = "") -> None:
         self.root = Path(root).resolve()
         self.base_fingerprint = base_fingerprint
+        self.base_id = base_id
         self._lock = threading.RLock()
         self._versions: dict[str, dict[int, AdapterVersion]] = {}
         self._problems: dict[str, str] = {}
@@ -174,15 +196,21 @@ class AdapterRegistry:
             self._problems[key] = f"{entry} is incomplete: missing {', '.join(missing)}"
             return None
         try:
-            manifest = _read_manifest(entry)
+            if (entry / MANIFEST).is_file():
+                manifest = _read_manifest(entry)
+                fingerprint = _manifest_fingerprint(manifest)
+                compatible = fingerprint == self.base_fingerprint
+            else:
+                manifest = {}
+                recorded = _peft_base_name(entry)
+                fingerprint = PEFT_BASE_PREFIX + recorded
+                compatible = same_base_name(recorded, self.base_id)
         except AdapterLoadError as e:
             self._problems[key] = str(e)
             return None
-        fingerprint = _manifest_fingerprint(manifest)
         return AdapterVersion(
             name=name, version=int(entry.name), path=entry.resolve(), fingerprint=fingerprint,
-            compatible=fingerprint == self.base_fingerprint,
-            created=str(manifest.get("created", "")),
+            compatible=compatible, created=str(manifest.get("created", "")),
             rank=_lora_rank(entry),
         )
 
@@ -267,6 +295,13 @@ class AdapterRegistry:
 
     def _check(self, found: AdapterVersion, require_compatible: bool) -> AdapterVersion:
         if require_compatible and not found.compatible:
+            if found.fingerprint.startswith(PEFT_BASE_PREFIX):
+                raise IncompatibleAdapterError(
+                    f"adapter {found.key} has no manifest.json and its adapter_config.json names "
+                    f"base {found.fingerprint.removeprefix(PEFT_BASE_PREFIX)!r}, but this server "
+                    f"serves {self.base_id!r}; add a manifest.json with base.fingerprint "
+                    f"{self.base_fingerprint} if it really was trained on this base"
+                )
             raise IncompatibleAdapterError(
                 f"adapter {found.key} was trained on base {found.fingerprint or '(none recorded)'}"
                 f" but this server serves base {self.base_fingerprint}"

@@ -99,7 +99,7 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
     """Blocking: load the base, start the engine, scan adapters (runs in a worker thread)."""
     # Cheap checks first, so a typo in a path fails before minutes of model loading.
     fingerprint = base_fingerprint(config.base)
-    registry = AdapterRegistry(config.adapters_root, fingerprint)
+    registry = AdapterRegistry(config.adapters_root, fingerprint, base_id=config.base)
     _make_sessions(config, parts)
     started = time.monotonic()
     model, tokenizer = load_base(config.base, LoadOptions(device=config.device))

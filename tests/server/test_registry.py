@@ -227,3 +227,30 @@ def test_real_fixture_adapters_are_compatible_with_the_tiny_base(
     registry = AdapterRegistry(adapters_root, base_fingerprint(str(tiny_base)))
     assert [v.key for v in registry.versions()] == ["alpha@1", "alpha@2", "beta@1"]
     assert registry.resolve("beta").rank == 4
+
+
+def _plain_peft_adapter(root: Path, name: str, base_name: str) -> Path:
+    """A PEFT adapter as another tool saves it: no manifest.json, the base named in its config."""
+    out = root / name / "1"
+    out.mkdir(parents=True)
+    (out / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "base_model_name_or_path": base_name}))
+    (out / "adapter_model.safetensors").write_text("x")
+    return out
+
+
+def test_plain_peft_adapter_naming_the_served_base_is_served(root: Path) -> None:
+    _plain_peft_adapter(root, "external", "/elsewhere/models/tiny-base")
+    registry = AdapterRegistry(root, BASE, base_id="/srv/models/tiny-base")
+    found = registry.resolve("external")
+    assert found.key == "external@1" and found.compatible
+
+
+def test_plain_peft_adapter_for_another_base_is_refused_with_a_fix(root: Path) -> None:
+    _plain_peft_adapter(root, "external", "meta-llama/Llama-3.1-8B")
+    registry = AdapterRegistry(root, BASE, base_id="/srv/models/tiny-base")
+    with pytest.raises(IncompatibleAdapterError) as refused:
+        registry.resolve("external@1")
+    message = str(refused.value)
+    assert "meta-llama/Llama-3.1-8B" in message and "/srv/models/tiny-base" in message
+    assert "manifest.json" in message and BASE in message
