@@ -15,6 +15,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 DOMAINS = {"food": "food_ordering", "helpdesk": "it_helpdesk"}
+GATE = Path(__file__).with_name("demo_gate.yaml")
 
 
 def step(title: str) -> None:
@@ -96,30 +97,43 @@ def start_server(
     raise SystemExit("server did not become healthy within 180 s")
 
 
-def chat_and_evaluate(target: str, data: Path, work: Path) -> None:
+def chat(target: str) -> None:
     step("5. chat with each adapter and with the bare base")
     run(BIN / "switchboard", "adapters", "list", "--target", target)
     question = "Hi, I'd like to order two large pizzas for delivery please."
     for adapter in [*DOMAINS, ""]:
-        label = adapter or "(bare base)"
-        print(f"--- {label}")
-        run(BIN / "switchboard", "chat", "--target", target, "--adapter", adapter, question)
-    step("6. evaluate the food adapter against the bare base, gate and report")
-    out = work / "eval"
-    proc = subprocess.run([
-        str(BIN / "evalsuite"), "run", "--target", target,
-        "--testset", str(data / DOMAINS["food"] / "test.jsonl"),
-        "--adapters", "food,__base__", "--baseline", "__base__", "--limit", "20",
-        "--out", str(out),
-    ], text=True)
-    print(f"evalsuite exit code {proc.returncode} (0 = every candidate passes the gate)")
-    print(f"reports: {out / 'report.md'}  {out / 'report.html'}  {out / 'report.json'}")
+        print(f"--- {adapter or '(bare base)'}")
+        run(BIN / "switchboard", "chat", "--target", target, "--adapter", adapter,
+            "--max-new-tokens", "64", question)
+
+
+def evaluate(target: str, data: Path, work: Path, limit: int) -> None:
+    """Food adapter vs the bare base (gate passes), then the wrong-domain adapter (gate fails)."""
+    testset = data / DOMAINS["food"] / "test.jsonl"
+    runs = [
+        ("6. evaluate on the food test set: food adapter vs the bare base", "food,__base__",
+         "__base__", 0),
+        ("7. the wrong-domain candidate (helpdesk) against the food adapter: the gate must fail",
+         "helpdesk,food", "food", 1),
+    ]
+    for title, adapters, baseline, expected in runs:
+        step(title)
+        out = work / f"eval-{baseline.strip('_')}"
+        proc = subprocess.run([
+            str(BIN / "evalsuite"), "run", "--target", target, "--testset", str(testset),
+            "--adapters", adapters, "--baseline", baseline, "--gate", str(GATE),
+            "--limit", str(limit), "--no-progress", "--out", str(out),
+        ], text=True)
+        verdict = "as expected" if proc.returncode == expected else "UNEXPECTED"
+        print(f"evalsuite exit code {proc.returncode} ({verdict}; 0 = gate passes, 1 = regression)")
+        print(f"reports: {out / 'report.md'}  {out / 'report.html'}  {out / 'report.json'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("build"))
     parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--eval-limit", type=int, default=40, help="test conversations to replay")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -131,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(base, root, port, metrics_port, work)
     try:
         print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics")
-        chat_and_evaluate(f"127.0.0.1:{port}", data, work)
+        chat(f"127.0.0.1:{port}")
+        evaluate(f"127.0.0.1:{port}", data, work, args.eval_limit)
     finally:
         server.terminate()
         server.wait(timeout=30)
