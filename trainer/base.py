@@ -61,6 +61,7 @@ class BaseSpec:
     num_heads: int = 4
     max_positions: int = 2048
     pretrain_steps: int = 60
+    domain_user_turns: int = 300
     batch_size: int = 8
     seq_len: int = 128
     learning_rate: float = 3e-3
@@ -135,14 +136,29 @@ def build_model(spec: BaseSpec, tokenizer: Any, seed: int) -> Any:
     return model
 
 
+def domain_user_turns(seed: int, per_domain: int) -> list[list[dict]]:
+    """Domain users' messages alone, so the base learns the domains' words but not their answers.
+
+    Without them the domain tokens keep their random embeddings and an adapter spends most of its
+    steps learning the vocabulary instead of the domain's way of answering.
+    """
+    chats = []
+    for name in datagen.DOMAINS:
+        for record in datagen.domain_conversations(name, "train", per_domain, seed + 1):
+            chats += [[m] for m in record["messages"] if m["role"] == "user"]
+    return chats
+
+
 def pretraining_blocks(tokenizer: Any, seed: int, spec: BaseSpec) -> Any:
     """The general corpus rendered with the chat template, packed into (N, seq_len) blocks."""
     import torch
 
-    records = datagen.pretraining_corpus(seed)
+    chats = [r["messages"] for r in datagen.pretraining_corpus(seed)]
+    chats += domain_user_turns(seed, spec.domain_user_turns)
+    # Shuffle so general and domain text mix in every block, deterministically.
+    random.Random(seed).shuffle(chats)
     # One batched call: the fast tokenizer encodes the rendered chats in a single pass.
-    rendered = tokenizer.apply_chat_template([r["messages"] for r in records], tokenize=True,
-                                             return_dict=False)
+    rendered = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=False)
     stream = [token for ids in rendered for token in ids]
     usable = len(stream) // spec.seq_len * spec.seq_len
     return torch.tensor(stream[:usable], dtype=torch.long).view(-1, spec.seq_len)

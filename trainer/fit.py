@@ -1,0 +1,412 @@
+"""`trainer fit`: train a QLoRA adapter with TRL's SFTTrainer and publish it as a new version.
+
+Flow: settings (defaults < resumed run < YAML < flags) -> data checked and summarised with the
+tokenizer only (fails fast, before any model loads) -> 4-bit NF4 base prepared for k-bit
+training -> SFTTrainer with a LoRA config and loss on assistant tokens only -> final evaluation
+-> adapter and manifest.json staged, then published as <root>/<name>/<N>/. The run folder
+<root>/<name>/.runs/<run-id>/ keeps checkpoints (for `--resume`) and TensorBoard logs.
+The version directory is the last line printed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer import manifest as mf
+from trainer.config import FIELD_NAMES, FitConfig, build_config, read_yaml
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags default to None so that only the ones given override the YAML config."""
+    add = parser.add_argument
+    flag = argparse.BooleanOptionalAction
+    add("--base", help="base model directory or hub id")
+    add("--data", help="training conversations (.jsonl: OpenAI, ShareGPT, Alpaca)")
+    add("--validation", help="validation conversations; default: split off --val-split of --data")
+    add("--name", help="adapter name")
+    add("--adapters-root", help="directory holding <name>/<version>/ adapters")
+    add("--config", help="YAML file with any of these settings (flags override it)")
+    add("--from", dest="parent", metavar="NAME@VERSION", help="continue training this adapter")
+    add("--rank", type=int, help="LoRA rank (16)")
+    add("--alpha", type=float, help="LoRA alpha (32)")
+    add("--dropout", type=float, help="LoRA dropout (0.05)")
+    add("--target-modules", type=_modules, help="comma-separated module names or all-linear")
+    add("--learning-rate", "--lr", dest="learning_rate", type=float,
+        help="peak learning rate (2e-4)")
+    add("--scheduler", help="learning-rate schedule (cosine)")
+    add("--warmup", type=float, help="warmup: fraction of steps if < 1, else steps (0.03)")
+    add("--epochs", type=float, help="epochs (1), ignored when --max-steps is given")
+    add("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    add("--batch-size", type=int, help="sequences per device per step (8)")
+    add("--grad-accum", type=int, help="gradient accumulation steps (1)")
+    add("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (1.0)")
+    add("--weight-decay", type=float, help="AdamW weight decay (0)")
+    add("--seed", type=int, help="seed for LoRA init, data order, split and dropout (0)")
+    add("--max-length", type=int, help="tokens per conversation; longer ones are cut (1024)")
+    add("--packing", action=flag, help="pack conversations into max-length rows (BFD)")
+    add("--padding-free", action=flag, help="concatenate each batch without padding")
+    add("--gradient-checkpointing", action=flag, help="recompute activations to save memory")
+    add("--val-split", type=float, help="fraction of --data held out without --validation (0.1)")
+    add("--eval-steps", type=int, help="evaluate every N optimizer steps (50)")
+    add("--eval-on-start", action=flag, help="evaluate once before training (on)")
+    add("--early-stopping-patience", type=int, help="stop after N evals without gain; 0 = off")
+    add("--early-stopping-threshold", type=float, help="minimum validation-loss gain (0)")
+    add("--save-steps", type=int, help="checkpoint every N steps, for --resume (50)")
+    add("--save-total-limit", type=int, help="checkpoints kept in the run folder (2)")
+    add("--logging-steps", type=int, help="log loss and tokens/s every N steps (5)")
+    add("--device", choices=("auto", "cpu", "cuda"), help="where to train (auto)")
+    add("--quantize", choices=("nf4", "none"), help="base weights: 4-bit NF4 (QLoRA) or full")
+    add("--run-id", help="name of the run folder (default: UTC time + random suffix)")
+    add("--resume", nargs="?", const="latest", metavar="RUN",
+        help="continue an interrupted run: the newest unfinished one of --name, or RUN (id/path)")
+
+
+def _modules(text: str) -> str | list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return names[0] if names == ["all-linear"] else names
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, Path | None]:
+    """Merge the layers; on --resume also find the run folder to continue."""
+    flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+    from_yaml = read_yaml(flags["config"]) if flags.get("config") else {}
+    layered = {**from_yaml, **flags}
+    resume = layered.get("resume")
+    if not resume:
+        return build_config(layered), None
+    root, name = layered.get("adapters_root"), layered.get("name")
+    if not root or not name:
+        raise ValueError("--resume needs --adapters-root and --name")
+    run_dir = mf.find_resumable_run(Path(root), name, resume)
+    saved = json.loads((run_dir / "config.json").read_text())
+    return build_config(saved, layered), run_dir
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSplit:
+    """Conversations (as TRL `messages` records) with where they came from."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    files: dict[str, dict[str, Any]]
+
+
+def load_split(config: FitConfig) -> DataSplit:
+    """Load and check the data files (raises common.data.DataError naming file:line)."""
+    from common.data import load_conversations
+
+    train = [{"messages": c.to_openai()} for c in load_conversations(config.data)]
+    files = {"train": _file_record(config.data, len(train))}
+    if config.validation:
+        validation = [{"messages": c.to_openai()} for c in load_conversations(config.validation)]
+        files["validation"] = _file_record(config.validation, len(validation))
+    elif config.val_split > 0:
+        order = list(range(len(train)))
+        random.Random(config.seed).shuffle(order)
+        cut = max(1, round(len(train) * config.val_split))
+        held = set(order[:cut])
+        validation = [r for i, r in enumerate(train) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
+    else:
+        validation = []
+    if not train:
+        raise ValueError(f"{config.data}: no training conversations left")
+    return DataSplit(train, validation, files)
+
+
+def _file_record(path: str, count: int) -> dict[str, Any]:
+    return {"path": str(path), "sha256": mf.file_sha256(Path(path)), "conversations": count}
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list, list]:
+    """(input_ids, labels) through the base's chat template: labels are -100 outside the
+    assistant spans that the template marks with {% generation %}, as SFTTrainer builds them."""
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    return ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+
+
+def summarize_split(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> dict:
+    """Counts for the data summary: conversations, turns, tokens, trained tokens, truncated."""
+    turns = tokens = trained = truncated = 0
+    for record in records:
+        ids, labels = tokenize_conversation(tokenizer, record["messages"])
+        turns += sum(1 for m in record["messages"] if m["role"] == "assistant")
+        tokens += len(ids)
+        trained += sum(1 for label in labels[:max_length] if label != -100)
+        truncated += len(ids) > max_length
+    return {"conversations": len(records), "assistant_turns": turns, "tokens": tokens,
+            "trained_tokens": trained, "truncated": truncated}
+
+
+def print_summary(stats: dict[str, dict[str, int]], max_length: int) -> None:
+    for split, s in stats.items():
+        print(f"data {split}: {s['conversations']} conversations, {s['assistant_turns']} "
+              f"assistant turns, {s['tokens']} tokens ({s['trained_tokens']} trained), "
+              f"{s['truncated']} cut at max_length {max_length}", flush=True)
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+def load_model(config: FitConfig, root: Path) -> tuple[Any, Any, dict[str, Any] | None]:
+    """The 4-bit base prepared for k-bit training, plus the parent PeftModel on --from."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    from common.modeling import LoadOptions, base_fingerprint, disable_cpu_repacking, load_base
+
+    model, tokenizer = load_base(config.base, LoadOptions(config.device, config.quantize))
+    if config.quantize == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    parent = None
+    if config.parent:
+        parent_dir = mf.resolve_ref(root, config.parent)
+        parent_manifest = mf.read_manifest(parent_dir)
+        expected = parent_manifest.get("base", {}).get("fingerprint")
+        if expected and expected != base_fingerprint(config.base):
+            raise ValueError(f"--from {config.parent} was trained on another base ({expected})")
+        model = PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
+        parent = {"ref": f"{parent_dir.parent.name}@{parent_dir.name}", "path": str(parent_dir),
+                  "name": parent_dir.parent.name, "version": int(parent_dir.name)}
+    disable_cpu_repacking(model)
+    return model, tokenizer, parent
+
+
+def lora_config(config: FitConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(config: FitConfig, run_dir: Path, on_gpu: bool, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    # TRL cannot cut sequences in padding-free mode without packing; fit cuts them itself
+    # after preparation (see cut_prepared), so TRL is given no limit there.
+    trl_max_length = None if config.padding_free and not config.packing else config.max_length
+    return SFTConfig(
+        output_dir=str(run_dir), seed=config.seed, data_seed=config.seed,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        lr_scheduler_type=config.scheduler, warmup_steps=config.warmup,
+        num_train_epochs=config.epochs, max_steps=config.max_steps,
+        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
+        max_length=trl_max_length, packing=config.packing, padding_free=config.padding_free,
+        assistant_only_loss=True, gradient_checkpointing=config.gradient_checkpointing,
+        eval_strategy="steps" if has_eval else "no", eval_steps=config.eval_steps,
+        eval_on_start=has_eval and config.eval_on_start,
+        save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, logging_steps=config.logging_steps,
+        bf16=on_gpu, use_cpu=not on_gpu, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def cut_prepared(dataset: Any, max_length: int) -> Any:
+    """Keep the first max_length tokens of each prepared example; drop ones left untrained."""
+    dataset = dataset.map(
+        lambda ex: {"input_ids": ex["input_ids"][:max_length], "labels": ex["labels"][:max_length]}
+    )
+    return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
+
+
+def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSplit,
+                  run_dir: Path, with_peft_config: bool,
+                  callbacks: list[Any] | None = None) -> tuple[Any, Any]:
+    """SFTTrainer with our callbacks; returns (trainer, early-stopping/best-weights callback)."""
+    import torch
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    from trainer.callbacks import (
+        BestAdapterEarlyStopping,
+        CpuRepackingGuard,
+        EvalSummary,
+        ProgressBar,
+    )
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    has_eval = bool(split.validation)
+    best = BestAdapterEarlyStopping(config.early_stopping_patience, config.early_stopping_threshold)
+    trainer = SFTTrainer(
+        model=model, args=sft_config(config, run_dir, on_gpu, has_eval),
+        train_dataset=Dataset.from_list(split.train),
+        eval_dataset=Dataset.from_list(split.validation) if has_eval else None,
+        processing_class=tokenizer, peft_config=lora_config(config) if with_peft_config else None,
+        callbacks=[ProgressBar(), EvalSummary(), best, CpuRepackingGuard(),
+                   TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))),
+                   *(callbacks or [])],
+    )
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    if config.padding_free and not config.packing:
+        trainer.train_dataset = cut_prepared(trainer.train_dataset, config.max_length)
+        if has_eval:
+            trainer.eval_dataset = cut_prepared(trainer.eval_dataset, config.max_length)
+    if not on_gpu:
+        # TRL stores QLoRA adapter weights in bf16 (the paper's GPU recipe). On the CPU the
+        # compute dtype is float32: bf16 weights would round away small updates and run slower.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)
+    return trainer, best
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    train = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
+              "num_tokens": e.get("num_tokens")} for e in log_history if "loss" in e]
+    evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"train": train, "validation": evals}
+
+
+def final_metrics(trainer: Any, best: Any, curves: dict, train_seconds: float,
+                  restored: bool) -> dict[str, Any]:
+    """Validation loss/perplexity of the published weights (assistant tokens only)."""
+    metrics: dict[str, Any] = {"global_step": trainer.state.global_step,
+                               "stopped_early": best.stopped_early,
+                               "train_runtime_s": round(train_seconds, 2)}
+    if curves["train"]:
+        metrics["final_train_loss"] = curves["train"][-1]["loss"]
+        tokens = curves["train"][-1].get("num_tokens") or 0
+        metrics["train_tokens_per_s"] = round(tokens / max(train_seconds, 1e-9), 1)
+    if trainer.eval_dataset is not None:
+        evals = curves["validation"]
+        # The last periodic evaluation already measured these weights unless best ones came back.
+        fresh = evals and evals[-1]["step"] == trainer.state.global_step and not restored
+        loss = evals[-1]["loss"] if fresh else trainer.evaluate()["eval_loss"]
+        metrics.update(final_val_loss=loss, final_val_perplexity=math.exp(min(loss, 50)),
+                       first_val_loss=curves["validation"][0]["loss"] if curves["validation"]
+                       else loss, best_val_step=best.best_step)
+    return metrics
+
+
+def publish(config: FitConfig, trainer: Any, split: DataSplit, stats: dict, metrics: dict,
+            curves: dict, parent: dict | None, run_dir: Path, started: float) -> Path:
+    """Stage the PEFT files and manifest, then claim the next version number."""
+    from common.modeling import base_fingerprint
+
+    root = Path(config.adapters_root)
+    staged = mf.staging_dir(root, config.name)
+    try:
+        trainer.model.save_pretrained(str(staged))
+        peft_config = trainer.model.peft_config["default"].to_dict()
+        keys = ("r", "lora_alpha", "lora_dropout", "target_modules")
+        lora = {k: peft_config.get(k) for k in keys}
+        if isinstance(lora["target_modules"], set | list | tuple):
+            lora["target_modules"] = sorted(lora["target_modules"])
+        data = {"files": split.files, "train": stats["train"],
+                "validation": stats.get("validation"),
+                "validation_source": "file" if config.validation else f"split {config.val_split}"}
+        manifest = mf.build_manifest(
+            name=config.name, base=config.base, fingerprint=base_fingerprint(config.base),
+            data=data, hyperparameters=config.hyperparameters(), lora=lora, metrics=metrics,
+            curves=curves, parent=parent, wall_time_s=time.monotonic() - started, run_dir=run_dir,
+        )
+        version_dir = mf.publish_version(staged, root, config.name, manifest)
+    except BaseException:
+        mf.discard(staged)
+        raise
+    mf.mark_run_finished(run_dir, version_dir)
+    return version_dir
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def shared_run_dir(config: FitConfig, root: Path, resume_dir: Path | None) -> tuple[Path, bool]:
+    """The run folder, created by the main process and shared with the others under
+    `accelerate launch` (every rank must write checkpoints to the same output_dir)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    if resume_dir is not None:
+        return resume_dir, state.is_main_process
+    names = [mf.new_run_dir(root, config.name, config.run_id).name
+             if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(names)
+    return root / config.name / mf.RUNS_DIR / names[0], state.is_main_process
+
+
+def fit(config: FitConfig, resume_dir: Path | None = None,
+        callbacks: list[Any] | None = None) -> Path | None:
+    """Train and publish; returns the new version directory. Raises DataError/ValueError.
+
+    `callbacks` are extra transformers TrainerCallbacks (for embedding and tests). Under
+    `accelerate launch` only the main process publishes; the others return None."""
+    from common.modeling import load_tokenizer
+
+    started = time.monotonic()
+    split = load_split(config)
+    tokenizer = load_tokenizer(config.base)
+    stats = {"train": summarize_split(tokenizer, split.train, config.max_length)}
+    if split.validation:
+        stats["validation"] = summarize_split(tokenizer, split.validation, config.max_length)
+    print_summary(stats, config.max_length)
+
+    root = Path(config.adapters_root)
+    run_dir, is_main = shared_run_dir(config, root, resume_dir)
+    if is_main:
+        mf.write_json_atomic(run_dir / "config.json", config.to_dict())
+    model, tokenizer, parent = load_model(config, root)
+    trainer, best = build_trainer(config, model, tokenizer, split, run_dir, parent is None,
+                                  callbacks)
+    checkpoint = mf.last_checkpoint(run_dir) if resume_dir else None
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    train_started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.monotonic() - train_started
+    curves = loss_curves(trainer.state.log_history)
+    restored = bool(config.early_stopping_patience) and best.restore_best(trainer.model)
+    if restored:
+        print(f"restored the best weights (step {best.best_step})", flush=True)
+    metrics = final_metrics(trainer, best, curves, train_seconds, restored)
+    if not is_main:
+        return None
+    return publish(config, trainer, split, stats, metrics, curves, parent, run_dir, started)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.data import DataError
+
+    try:
+        config, resume_dir = resolve_config(args)
+        version_dir = fit(config, resume_dir)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"trainer fit: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("trainer fit: interrupted; continue with --resume", file=sys.stderr, flush=True)
+        return 130
+    sys.stderr.flush()
+    if version_dir is not None:
+        print(version_dir, flush=True)
+    return 0
