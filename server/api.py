@@ -106,12 +106,20 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
     return new_request_id()
 
 
+async def _announce_request_id(context: grpc.aio.ServicerContext) -> str:
+    """Pick the request id and send it first, in the initial metadata, so that even a call that
+    fails carries the id that the server's log lines use."""
+    request_id = _metadata_request_id(context)
+    await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
+    return request_id
+
+
 def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map exceptions of a unary handler to status codes (known ones precisely, others INTERNAL)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with request_context(_metadata_request_id(context)):
+        with request_context(await _announce_request_id(context)):
             try:
                 return await method(self, request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -127,7 +135,7 @@ def stream_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with request_context(_metadata_request_id(context)):
+        with request_context(await _announce_request_id(context)):
             try:
                 async for item in method(self, request, context):
                     yield item
