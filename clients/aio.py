@@ -143,6 +143,7 @@ class AsyncSwitchboardClient:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
         truncation: str = "",
         session_id: str = "",
         timeout: float | None = None,
@@ -151,7 +152,7 @@ class AsyncSwitchboardClient:
         request = chat_request_pb(
             messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, truncation=truncation, session_id=session_id,
+            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
         )
         return ChatResult.from_pb(await self._call(self._inference.Chat, request, timeout))
 
@@ -167,6 +168,7 @@ class AsyncSwitchboardClient:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
         truncation: str = "",
         session_id: str = "",
         timeout: float | None = None,
@@ -175,7 +177,7 @@ class AsyncSwitchboardClient:
         request = chat_request_pb(
             messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, truncation=truncation, session_id=session_id,
+            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
         )
         return AsyncChatStream(self._stream(request, timeout))
 

@@ -197,6 +197,7 @@ class SwitchboardClient:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
         truncation: str = "",
         session_id: str = "",
         timeout: float | None = None,
@@ -205,7 +206,7 @@ class SwitchboardClient:
         request = chat_request_pb(
             messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, truncation=truncation, session_id=session_id,
+            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
         )
         return ChatResult.from_pb(self._call(self._inference.Chat, request, timeout))
 
@@ -221,6 +222,7 @@ class SwitchboardClient:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
         truncation: str = "",
         session_id: str = "",
         timeout: float | None = None,
@@ -229,7 +231,7 @@ class SwitchboardClient:
         request = chat_request_pb(
             messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, truncation=truncation, session_id=session_id,
+            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
         )
         return ChatStream(self._stream(request, timeout))
 

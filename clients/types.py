@@ -296,6 +296,7 @@ def chat_request_pb(
     stop: Sequence[str],
     truncation: str,
     session_id: str,
+    ignore_eos: bool = False,
 ) -> pb.ChatRequest:
     if isinstance(stop, str):
         raise TypeError(f"stop must be a sequence of strings, got the string {stop!r}")
@@ -306,6 +307,7 @@ def chat_request_pb(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         stop=list(stop),
+        ignore_eos=ignore_eos,
     )
     if seed is not None:
         sampling.seed = seed

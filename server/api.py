@@ -225,6 +225,7 @@ def sampling_from_pb(sampling: pb.SamplingParams, config: ServerConfig,
             repetition_penalty=sampling.repetition_penalty or 1.0,
             seed=sampling.seed if sampling.HasField("seed") else None,
             stop=stops,
+            ignore_eos=sampling.ignore_eos,
         )
     except ValueError as e:
         raise InvalidArgumentError(f"sampling: {e}") from e

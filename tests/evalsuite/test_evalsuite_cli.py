@@ -4,6 +4,7 @@ one end-to-end run against the real server (tiny base, random adapters) that res
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -202,11 +203,14 @@ def test_unreachable_server_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 # ---------------------------------------------------------------- end to end, real server
 
 @pytest.fixture(scope="module")
-def server(tiny_base: Path, adapters_root: Path):
+def server(tiny_base: Path, adapters_root: Path, tmp_path_factory: pytest.TempPathFactory):
     from server.app import start_in_thread
     from server.config import ServerConfig
 
-    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root,
+    # Promotion moves aliases: work on a copy so the shared fixture stays as other tests expect.
+    root = tmp_path_factory.mktemp("eval-adapters") / "adapters"
+    shutil.copytree(adapters_root, root)
+    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=root,
                                            port=0, device="cpu", max_batch=8))
     yield running
     running.stop()

@@ -26,9 +26,9 @@ from clients.errors import SwitchboardRpcError
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = {"role": "system", "content": "Be brief."}
 SHORT = 8
-# The killed answer must still be generating when the kill lands: its adapter is checked to run
-# at least PROBE tokens without stopping, and the kill follows its KILL_AFTER-th token.
-PROBE = 96
+# The killed answer must still be generating when the kill lands: it ignores the end-of-sequence
+# token (up to LONG tokens) and the kill follows its KILL_AFTER-th token.
+LONG = 512
 KILL_AFTER = 4
 START_TIMEOUT_S = 120.0
 
@@ -121,16 +121,6 @@ def run_turns(client: SwitchboardClient, session: str, texts: list[str],
     return held
 
 
-def long_answering_adapter(client: SwitchboardClient, conversation: Messages) -> str:
-    """An adapter whose greedy answer to `conversation` runs past PROBE tokens (asked without a
-    session, so nothing is stored): the kill then surely lands mid-answer."""
-    for candidate in ("beta@1", "alpha@2", "alpha@1", ""):
-        reply = client.chat(conversation, adapter=candidate, max_new_tokens=PROBE, timeout=60)
-        if reply.finish_reason == "length":
-            return candidate
-    pytest.fail(f"no fixture adapter answers {PROBE} tokens without stopping")
-
-
 def stored(client: SwitchboardClient, session: str) -> Messages | None:
     try:
         return client.get_session(session, timeout=30).messages
@@ -170,8 +160,8 @@ def stream_until(client: SwitchboardClient, conversation: Messages, adapter: str
                  session: str) -> Iterator:
     """Start a long streamed answer on `session`; return its iterator once KILL_AFTER tokens
     have arrived and no final chunk has."""
-    stream = client.chat_stream(conversation, adapter=adapter, max_new_tokens=1000,
-                                session_id=session, timeout=120)
+    stream = client.chat_stream(conversation, adapter=adapter, max_new_tokens=LONG,
+                                ignore_eos=True, session_id=session, timeout=120)
     for chunk in stream:
         assert chunk.final is None, "the long answer finished before the kill"
         if chunk.completion_tokens >= KILL_AFTER:
@@ -197,9 +187,7 @@ def test_kill_9_mid_stream_keeps_every_completed_turn_and_no_partial_one(start_s
     held_b = run_turns(client, "dur-b", ["one", "two"], stream=True)
 
     question = {"role": "user", "content": "tell me everything, at length"}
-    adapter_a = long_answering_adapter(client, [*held, question])
     fresh = [SYSTEM, {"role": "user", "content": "hello there"}]
-    adapter_fresh = long_answering_adapter(client, fresh)
 
     traffic = Traffic(first.target, "dur-traffic")
     traffic.start()
@@ -208,8 +196,8 @@ def test_kill_9_mid_stream_keeps_every_completed_turn_and_no_partial_one(start_s
         time.sleep(0.02)
     assert traffic.turns >= 2, traffic.error
 
-    killed_a = stream_until(client, [question], adapter_a, "dur-a")
-    killed_fresh = stream_until(client, fresh, adapter_fresh, "dur-fresh")
+    killed_a = stream_until(client, [question], "alpha@1", "dur-a")
+    killed_fresh = stream_until(client, fresh, "", "dur-fresh")
     assert first.kill(signal.SIGKILL) == -signal.SIGKILL
     traffic.join(timeout=60)
     assert not traffic.is_alive() and traffic.error is not None
