@@ -16,6 +16,7 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 DOMAINS = {"food": "food_ordering", "helpdesk": "it_helpdesk"}
 GATE = Path(__file__).with_name("demo_gate.yaml")
+FIT_CONFIG = Path(__file__).with_name("demo_fit.yaml")
 
 
 def step(title: str) -> None:
@@ -55,7 +56,7 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
     return base, data
 
 
-def train_adapters(base: Path, data: Path, root: Path, max_steps: int) -> None:
+def train_adapters(base: Path, data: Path, root: Path, max_steps: int | None) -> None:
     step("3. train one adapter per domain (QLoRA, assistant-only loss)")
     for name, domain in DOMAINS.items():
         existing = latest_version(root, name)
@@ -65,7 +66,8 @@ def train_adapters(base: Path, data: Path, root: Path, max_steps: int) -> None:
         run(
             BIN / "trainer", "fit", "--base", base, "--data", data / domain / "train.jsonl",
             "--validation", data / domain / "validation.jsonl", "--name", name,
-            "--adapters-root", root, "--max-steps", str(max_steps),
+            "--adapters-root", root, "--config", FIT_CONFIG,
+            *(["--max-steps", str(max_steps)] if max_steps else []),
         )
 
 
@@ -132,7 +134,8 @@ def evaluate(target: str, data: Path, work: Path, limit: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("build"))
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="override demo_fit.yaml's training steps")
     parser.add_argument("--eval-limit", type=int, default=40, help="test conversations to replay")
     args = parser.parse_args(argv)
     work = args.work.resolve()
