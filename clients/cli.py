@@ -161,6 +161,7 @@ def _chat_repl(client: SwitchboardClient, args: argparse.Namespace) -> int:
     """Interactive streaming chat; history stays here unless the server keeps a session.
 
     With a session, `history` holds only the last turn: it says whether the system prompt went.
+    Fed from a pipe, it exits 1 when any turn failed, so scripts notice.
     """
     interactive = sys.stdin.isatty()
     prompt = "you> " if interactive else ""
@@ -169,14 +170,15 @@ def _chat_repl(client: SwitchboardClient, args: argparse.Namespace) -> int:
         print(f"switchboard chat with {args.adapter or 'the base'} at {args.target} ({where}). "
               f"{REPL_HELP}", file=sys.stderr)
     history: list[dict[str, str]] = []
+    failed = 0
     while True:
         try:
             line = input(prompt).strip()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
-            return 0
+            break
         if line in ("/quit", "/exit"):
-            return 0
+            break
         if line == "/reset":
             history.clear()
             _repl_reset(client, args)
@@ -185,9 +187,12 @@ def _chat_repl(client: SwitchboardClient, args: argparse.Namespace) -> int:
         elif line:
             messages = _next_messages(args, history, line)
             answer = _stream_answer(client, messages, args, sys.stdout)
-            if answer is not None:
+            if answer is None:
+                failed += 1
+            else:
                 # messages already hold the local history (none when the server keeps it).
                 history = [*messages, {"role": "assistant", "content": answer.text}]
+    return 1 if failed and not interactive else 0
 
 
 def _cmd_chat(client: SwitchboardClient, args: argparse.Namespace) -> int:

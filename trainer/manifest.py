@@ -76,10 +76,20 @@ def new_run_dir(root: Path, name: str, run_id: str | None = None) -> Path:
     return path
 
 
+def _checkpoint_complete(path: Path) -> bool:
+    """transformers writes trainer_state.json last, but not atomically: a kill can cut it."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N of a run (a half-written one is skipped)."""
     steps = [
         (int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+        if p.name.split("-")[1].isdigit() and _checkpoint_complete(p)
     ]
     return max(steps)[1] if steps else None
 

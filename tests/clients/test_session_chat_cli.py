@@ -164,6 +164,7 @@ def test_error_strategy_fails_once_the_chat_outgrows_the_window(
     chat = chats["error"]
     turns = chat.turns
     assert len(turns) == TURNS
+    assert chat.code == 1  # fed from a pipe, a chat with failed turns exits non-zero
     ok = [t for t in turns if t.stats]
     # The first turns fit; from the first refusal on nothing is stored, so every later (same
     # sized) turn is refused too.

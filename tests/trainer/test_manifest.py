@@ -86,3 +86,12 @@ def test_manifest_has_the_required_keys(tmp_path: Path) -> None:
         wall_time_s=1.0, run_dir=tmp_path)
     assert {"name", "version", "base", "created", "libraries", "hyperparameters"} <= set(manifest)
     assert manifest["base"] == {"path_or_id": "/b", "fingerprint": "sha256:x"}
+
+
+def test_a_half_written_checkpoint_is_skipped_on_resume(tmp_path) -> None:
+    from trainer.manifest import last_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
