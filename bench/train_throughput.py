@@ -23,7 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("plain_sft", "fit_padded", "fit_padding_free")
+# `trainer fit` variants -> the batching flags they set; plain_sft is the hand-written baseline.
+FIT_VARIANTS = {
+    "fit_padded": {},
+    "fit_padding_free": {"padding_free": True},
+    "fit_packing": {"packing": True},
+}
+VARIANTS = ("plain_sft", *FIT_VARIANTS)
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -40,13 +46,13 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
                 scheduler="linear", logging_steps=args.steps)
 
 
-def run_fit(args: argparse.Namespace, padding_free: bool, work: Path) -> dict[str, Any]:
+def run_fit(args: argparse.Namespace, batching: dict[str, bool], work: Path) -> dict[str, Any]:
     from trainer.config import build_config
     from trainer.fit import fit
 
     config = build_config(hyperparameters(args), dict(
         base=args.base, data=args.data, name="bench", adapters_root=str(work), val_split=0,
-        padding_free=padding_free, device=args.device, save_steps=10**6))
+        device=args.device, save_steps=10**6, **batching))
     version_dir = fit(config)
     manifest = json.loads((version_dir / "manifest.json").read_text())
     tokens = manifest["curves"]["train"][-1]["num_tokens"]
@@ -98,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
         if args.child == "plain_sft":
             result = run_plain(args, Path(tmp))
         else:
-            result = run_fit(args, args.child == "fit_padding_free", Path(tmp))
+            result = run_fit(args, FIT_VARIANTS[args.child], Path(tmp))
     result["tokens_per_s"] = result["tokens"] / max(result["train_seconds"], 1e-9)
     result["peak_memory_bytes"] = peak_memory_bytes(device)
     result["device"] = device
