@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.aio
@@ -22,6 +22,7 @@ from clients.types import (
     AliasInfo,
     AliasMove,
     ChatChunk,
+    ChatOptions,
     ChatResult,
     LoadResult,
     MessagesLike,
@@ -135,50 +136,22 @@ class AsyncSwitchboardClient:
         self,
         messages: MessagesLike,
         *,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        truncation: str = "",
-        session_id: str = "",
         timeout: float | None = None,
+        **options: Unpack[ChatOptions],
     ) -> ChatResult:
         """One complete answer. With `session_id`, send only the new messages."""
-        request = chat_request_pb(
-            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
-        )
+        request = chat_request_pb(messages, **options)
         return ChatResult.from_pb(await self._call(self._inference.Chat, request, timeout))
 
     def chat_stream(
         self,
         messages: MessagesLike,
         *,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        truncation: str = "",
-        session_id: str = "",
         timeout: float | None = None,
+        **options: Unpack[ChatOptions],
     ) -> AsyncChatStream:
         """Stream an answer (`async for`); the last chunk has `.final` set to the ChatResult."""
-        request = chat_request_pb(
-            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
-        )
+        request = chat_request_pb(messages, **options)
         return AsyncChatStream(self._stream(request, timeout))
 
     async def score(

@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from switchboard.v1 import switchboard_pb2 as pb
@@ -23,6 +23,7 @@ from clients.types import (
     AliasInfo,
     AliasMove,
     ChatChunk,
+    ChatOptions,
     ChatResult,
     LoadResult,
     MessagesLike,
@@ -189,50 +190,22 @@ class SwitchboardClient:
         self,
         messages: MessagesLike,
         *,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        truncation: str = "",
-        session_id: str = "",
         timeout: float | None = None,
+        **options: Unpack[ChatOptions],
     ) -> ChatResult:
         """One complete answer. With `session_id`, send only the new messages."""
-        request = chat_request_pb(
-            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
-        )
+        request = chat_request_pb(messages, **options)
         return ChatResult.from_pb(self._call(self._inference.Chat, request, timeout))
 
     def chat_stream(
         self,
         messages: MessagesLike,
         *,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        truncation: str = "",
-        session_id: str = "",
         timeout: float | None = None,
+        **options: Unpack[ChatOptions],
     ) -> ChatStream:
         """Stream an answer; the last chunk has `.final` set to the whole ChatResult."""
-        request = chat_request_pb(
-            messages, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, truncation=truncation, session_id=session_id,
-        )
+        request = chat_request_pb(messages, **options)
         return ChatStream(self._stream(request, timeout))
 
     def score(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from switchboard.v1 import switchboard_pb2 as pb
 
@@ -283,40 +283,52 @@ def messages_to_pb(messages: MessagesLike) -> list[pb.Message]:
     return out
 
 
-def chat_request_pb(
-    messages: MessagesLike,
-    *,
-    adapter: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    seed: int | None,
-    stop: Sequence[str],
-    truncation: str,
-    session_id: str,
-    ignore_eos: bool = False,
-) -> pb.ChatRequest:
+class ChatOptions(TypedDict, total=False):
+    """Keyword options of `chat` and `chat_stream` (sync and asyncio clients alike).
+
+    Left out, each takes the server's default: greedy decoding, the server's max_new_tokens and
+    truncation strategy, the bare base, no session.
+    """
+
+    adapter: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+    stop: Sequence[str]
+    ignore_eos: bool
+    truncation: str
+    session_id: str
+
+
+def chat_request_pb(messages: MessagesLike, **options: Unpack[ChatOptions]) -> pb.ChatRequest:
+    unknown = set(options) - set(ChatOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown chat option(s) {sorted(unknown)}; "
+                        f"allowed: {sorted(ChatOptions.__annotations__)}")
+    stop = options.get("stop", ())
     if isinstance(stop, str):
         raise TypeError(f"stop must be a sequence of strings, got the string {stop!r}")
     sampling = pb.SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
+        max_new_tokens=options.get("max_new_tokens", 0),
+        temperature=options.get("temperature", 0.0),
+        top_p=options.get("top_p", 1.0),
+        top_k=options.get("top_k", 0),
+        repetition_penalty=options.get("repetition_penalty", 1.0),
         stop=list(stop),
-        ignore_eos=ignore_eos,
+        ignore_eos=options.get("ignore_eos", False),
     )
+    seed = options.get("seed")
     if seed is not None:
         sampling.seed = seed
     return pb.ChatRequest(
         messages=messages_to_pb(messages),
-        adapter=adapter,
+        adapter=options.get("adapter", ""),
         sampling=sampling,
-        truncation=truncation_to_pb(truncation),
-        session_id=session_id,
+        truncation=truncation_to_pb(options.get("truncation", "")),
+        session_id=options.get("session_id", ""),
     )
 
 

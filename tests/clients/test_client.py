@@ -358,3 +358,14 @@ def test_sessions_keep_the_conversation(client: SwitchboardClient) -> None:
     with pytest.raises(SwitchboardRpcError) as info:
         client.get_session("client-s1")
     assert info.value.code == "NOT_FOUND"
+
+
+def test_an_unknown_chat_option_is_refused_naming_the_allowed_ones() -> None:
+    from clients.types import chat_request_pb
+
+    with pytest.raises(TypeError, match="temprature.*allowed.*temperature"):
+        chat_request_pb("hi", temprature=0.5)
+    request = chat_request_pb("hi", adapter="alpha@1", seed=3, stop=["END"])
+    assert (request.adapter, request.sampling.seed, list(request.sampling.stop)) == (
+        "alpha@1", 3, ["END"])
+    assert request.sampling.top_p == 1.0 and request.sampling.repetition_penalty == 1.0
