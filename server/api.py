@@ -30,9 +30,11 @@ from server.errors import (
     IncompatibleAdapterError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     SessionBusyError,
     SwitchboardError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from server.logging_setup import (
@@ -76,6 +78,8 @@ STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     ContextOverflowError: grpc.StatusCode.OUT_OF_RANGE,
     SessionBusyError: grpc.StatusCode.ABORTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from server.config import DEVICES, TRUNCATION_STRATEGIES, ServerConfig
 
 DEFAULTS = ServerConfig(base="-", adapters_root=Path("."))
+API_KEYS_ENV = "SWITCHBOARD_API_KEYS"
+ADMIN_KEYS_ENV = "SWITCHBOARD_ADMIN_KEYS"
+
+
+def read_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
+    """Keys from a file (one per line, '#' starts a comment) plus a comma-separated variable."""
+    keys: list[str] = []
+    if path is not None:
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.append(line)
+    keys.extend(k.strip() for k in (env_value or "").split(",") if k.strip())
+    return tuple(dict.fromkeys(keys))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +63,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus /metrics port; 0 = off")
     parser.add_argument("--metrics-host", default=d.metrics_host)
     parser.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds)
+    security = parser.add_argument_group(
+        "security", f"API keys come from --api-keys-file / --admin-keys-file (one key per line, "
+        f"'#' comments) or ${API_KEYS_ENV} / ${ADMIN_KEYS_ENV} (comma-separated); any key "
+        "turns authentication on")
+    security.add_argument("--api-keys-file", type=Path, help="keys allowed to chat and score")
+    security.add_argument("--admin-keys-file", type=Path,
+                          help="keys allowed to administer adapters, aliases and sessions "
+                               "(and to chat)")
+    security.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    security.add_argument("--tls-client-ca", type=Path,
+                          help="CA (PEM) that client certificates must chain to: mutual TLS")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
+    limits.add_argument("--max-messages", type=int, default=d.max_messages,
+                        help="messages per request")
+    limits.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
+                        help="characters per message")
+    limits.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                        help="prompt token budget; 0 = context length - max_new_tokens")
+    limits.add_argument("--max-concurrent-requests", type=int,
+                        default=d.max_concurrent_requests, help="running + waiting, in total")
+    limits.add_argument("--max-concurrent-per-adapter", type=int,
+                        default=d.max_concurrent_per_adapter)
+    limits.add_argument("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
+                        help="largest adapter weights file the server reads")
+    limits.add_argument("--adapter-memory-budget-bytes", type=int,
+                        default=d.adapter_memory_budget_bytes,
+                        help="memory all loaded adapters may take; 0 = no budget")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     parser.add_argument("--log-level", default="INFO")
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def config_from_args(args: argparse.Namespace,
+                     environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The one place the server reads its environment (the key variables)."""
+    environ = os.environ if environ is None else environ
+    try:
+        api_keys = read_keys(args.api_keys_file, environ.get(API_KEYS_ENV))
+        admin_keys = read_keys(args.admin_keys_file, environ.get(ADMIN_KEYS_ENV))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read a keys file: {e}") from e
     return ServerConfig(
         base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
         device=args.device, max_batch=args.max_batch,
@@ -65,6 +118,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_json=args.log_json,
         summarize_adapter=args.summarize_adapter,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
+        api_keys=api_keys, admin_keys=admin_keys, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        max_request_bytes=args.max_request_bytes, max_messages=args.max_messages,
+        max_message_chars=args.max_message_chars, max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_concurrent_per_adapter=args.max_concurrent_per_adapter,
+        max_adapter_bytes=args.max_adapter_bytes,
+        adapter_memory_budget_bytes=args.adapter_memory_budget_bytes,
     )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
+MIN_KEY_CHARS = 16
 TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
 
 
@@ -47,6 +48,30 @@ class ServerConfig:
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_seconds: float = 5.0
 
+    # Security. No keys at all means no authentication (loopback development); any key turns it
+    # on for every service but health and reflection. Admin keys may also chat and score.
+    # repr=False: a config printed in a log or traceback must not carry the keys.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    # PEM files; cert + key turn TLS on, client_ca additionally requires client certificates
+    # signed by that CA (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    # Limits, each answered with a precise status when passed.
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 1000
+    max_message_chars: int = 200_000
+    # 0 means only the context budget (context length - max_new_tokens) bounds the prompt.
+    max_prompt_tokens: int = 0
+    max_concurrent_requests: int = 512
+    max_concurrent_per_adapter: int = 256
+    # Largest adapter_model.safetensors the server will read.
+    max_adapter_bytes: int = 1024 * 1024 * 1024
+    # Bytes all loaded adapters may take together; 0 = bounded only by max_loaded_adapters.
+    adapter_memory_budget_bytes: int = 0
+
     def __post_init__(self) -> None:
         self.adapters_root = Path(self.adapters_root)
         if self.sessions_db is not None:
@@ -75,6 +100,45 @@ class ServerConfig:
                  self.metrics_port, f"different from port ({self.port})")
         _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds",
                  self.shutdown_grace_seconds, ">= 0")
+        self._check_security()
+        self._check_positive("max_request_bytes", "max_messages", "max_message_chars",
+                             "max_concurrent_requests", "max_concurrent_per_adapter",
+                             "max_adapter_bytes")
+        for name in ("max_prompt_tokens", "adapter_memory_budget_bytes"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, name, value, ">= 0 (0 = no limit)")
+        _require(self.max_concurrent_per_adapter <= self.max_concurrent_requests,
+                 "max_concurrent_per_adapter", self.max_concurrent_per_adapter,
+                 f"<= max_concurrent_requests ({self.max_concurrent_requests})")
+
+    def _check_security(self) -> None:
+        self.api_keys = tuple(self.api_keys)
+        self.admin_keys = tuple(self.admin_keys)
+        for name in ("api_keys", "admin_keys"):
+            for key in getattr(self, name):
+                # The key itself never goes into a message: messages reach logs.
+                _require(isinstance(key, str) and len(key) >= MIN_KEY_CHARS
+                         and key.isprintable() and not any(c.isspace() for c in key),
+                         name, f"<a key of {len(key) if isinstance(key, str) else '?'} chars>",
+                         f"printable keys of at least {MIN_KEY_CHARS} characters, no spaces")
+        _require(not set(self.api_keys) & set(self.admin_keys), "admin_keys", "<redacted>",
+                 "different from every api key (a key has one kind)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key",
+                 (self.tls_cert, self.tls_key), "given together (both PEM files) or not at all")
+        _require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
+                 self.tls_client_ca, "used with tls_cert and tls_key (mutual TLS needs TLS)")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

@@ -56,3 +56,15 @@ class AdapterLoadError(SwitchboardError):
 
 class UnavailableError(SwitchboardError):
     """The server is not ready or is shutting down (UNAVAILABLE)."""
+
+
+class SessionStoreError(UnavailableError):
+    """The session store cannot be written (disk full, read-only file); stateless calls go on."""
+
+
+class UnauthenticatedError(SwitchboardError):
+    """No valid API key came with the call (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(SwitchboardError):
+    """The key is valid but of the wrong kind for this call (PERMISSION_DENIED)."""
