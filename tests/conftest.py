@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,69 @@ def adapters_root(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     write_random_adapter(tiny_base, root, "alpha", 2, seed=2)
     write_random_adapter(tiny_base, root, "beta", 1, seed=3, rank=4)
     return root
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: a CA, a server certificate for localhost/127.0.0.1 it signed, a client
+    certificate it signed, and a client certificate from an unrelated CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def _issue_cert(directory: Path, name: str, subject: str, issuer_key, issuer_name, *,
+                is_ca: bool = False, server: bool = False):
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject_name)
+               .issuer_name(issuer_name or subject_name)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(days=1))
+               .not_valid_after(now + timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not is_ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert, key, cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway PKI made at test time (nothing secret is committed)."""
+    d = tmp_path_factory.mktemp("tls")
+    ca, ca_key, ca_path, _ = _issue_cert(d, "ca", "switchboard test CA", None, None, is_ca=True)
+    _, _, server_cert, server_key = _issue_cert(d, "server", "localhost", ca_key, ca.subject,
+                                                server=True)
+    _, _, client_cert, client_key = _issue_cert(d, "client", "test client", ca_key, ca.subject)
+    other, other_key, _, _ = _issue_cert(d, "other-ca", "unrelated CA", None, None, is_ca=True)
+    _, _, stranger_cert, stranger_key = _issue_cert(d, "stranger", "stranger", other_key,
+                                                    other.subject)
+    return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key, stranger_cert,
+                    stranger_key)
