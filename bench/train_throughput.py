@@ -6,9 +6,14 @@ CPU, peak allocated CUDA memory on a GPU). Tokens/s counts real (non-padding) to
 
     python bench/train_throughput.py --base BASE_DIR --data TRAIN.jsonl [--steps 20] [--json OUT]
 
-Variants: the plain script (padded batches, what most SFTTrainer scripts do), `trainer fit` with
-the same padded batches (overhead check, target ratio >= 1.0) and `trainer fit --padding-free`
-(target ratio >= 1.3).
+Variants: the plain script (padded batches, what most SFTTrainer scripts do), the same script with
+TRL's `padding_free=True` (on SDPA: one block-diagonal mask over the whole row), `trainer fit`
+with the same padded batches (overhead check, target ratio >= 1.0), `trainer fit --padding-free`
+and `--packing` (one SDPA call per conversation, trainer/attention.py; target ratio >= 1.3).
+
+`--vary-turns` keeps a seeded random prefix (1..all assistant turns) of every conversation, so
+lengths spread as in public chat sets instead of the bundled sets' narrow 2-6 turns; the table
+says how much of a padded batch is padding either way.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ FIT_VARIANTS = {
     "fit_padding_free": {"padding_free": True},
     "fit_packing": {"packing": True},
 }
-VARIANTS = ("plain_sft", *FIT_VARIANTS)
+VARIANTS = ("plain_sft", "plain_padding_free", *FIT_VARIANTS)
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -59,7 +64,7 @@ def run_fit(args: argparse.Namespace, batching: dict[str, bool], work: Path) -> 
     return {"tokens": tokens, "train_seconds": manifest["metrics"]["train_runtime_s"]}
 
 
-def run_plain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_plain(args: argparse.Namespace, work: Path, padding_free: bool) -> dict[str, Any]:
     """What a user would write by hand with TRL, PEFT and bitsandbytes."""
     import torch
     from datasets import load_dataset
@@ -78,7 +83,10 @@ def run_plain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         peft_config=LoraConfig(r=hp["rank"], lora_alpha=hp["alpha"], lora_dropout=hp["dropout"],
                                target_modules="all-linear", task_type="CAUSAL_LM"),
         args=SFTConfig(output_dir=str(work), max_steps=hp["max_steps"],
-                       per_device_train_batch_size=hp["batch_size"], max_length=hp["max_length"],
+                       per_device_train_batch_size=hp["batch_size"],
+                       # TRL cannot cut rows when padding-free without packing.
+                       max_length=None if padding_free else hp["max_length"],
+                       padding_free=padding_free,
                        learning_rate=hp["learning_rate"], lr_scheduler_type="linear", seed=0,
                        assistant_only_loss=True, gradient_checkpointing=False, bf16=on_gpu,
                        use_cpu=not on_gpu, report_to="none", save_strategy="no",
@@ -101,8 +109,8 @@ def child(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.child == "plain_sft":
-            result = run_plain(args, Path(tmp))
+        if args.child.startswith("plain"):
+            result = run_plain(args, Path(tmp), padding_free=args.child == "plain_padding_free")
         else:
             result = run_fit(args, FIT_VARIANTS[args.child], Path(tmp))
     result["tokens_per_s"] = result["tokens"] / max(result["train_seconds"], 1e-9)
@@ -122,6 +130,42 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def vary_turns(source: str, out: Path, seed: int = 0) -> Path:
+    """Each conversation cut after a seeded random number (1..all) of its assistant turns."""
+    import random
+
+    rng = random.Random(seed)
+    with open(source) as f, out.open("w") as w:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            messages = record["messages"]
+            ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+            record["messages"] = messages[:rng.choice(ends)]
+            w.write(json.dumps(record) + "\n")
+    return out
+
+
+def padding_share(base: str, data: str, batch_size: int, max_length: int) -> dict[str, float]:
+    """Token lengths of the data and the share of padding in padded batches (file order)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    lengths = []
+    with open(data) as f:
+        for line in f:
+            if line.strip():
+                ids = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+                lengths.append(min(len(ids), max_length))
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    padded = sum(max(b) * len(b) for b in batches)
+    return {"conversations": len(lengths), "min_tokens": min(lengths),
+            "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+            "padding_share": 1 - sum(lengths) / padded}
+
+
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     base = results["plain_sft"]["tokens_per_s"]
     print(f"{'variant':<18}{'tokens':>9}{'train s':>9}{'tokens/s':>10}{'peak MiB':>10}{'ratio':>7}")
@@ -139,16 +183,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--json", default="train_throughput.json", help="where to write results")
+    parser.add_argument("--vary-turns", action="store_true",
+                        help="cut each conversation after a random number of turns (seed 0)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, interleaved; keep the fastest")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
         return 0
-    results = {variant: run_variant(args, variant) for variant in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.vary_turns:
+            args.data = str(vary_turns(args.data, Path(tmp) / "varied.jsonl"))
+        data = padding_share(args.base, args.data, args.batch_size, args.max_length)
+        print(f"data: {data['conversations']} conversations, {data['min_tokens']}-"
+              f"{data['max_tokens']} tokens (mean {data['mean_tokens']:.0f}); padded batches of "
+              f"{args.batch_size} are {data['padding_share']:.0%} padding", flush=True)
+        results: dict[str, dict[str, Any]] = {}
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                run = run_variant(args, variant)
+                if variant not in results or run["tokens_per_s"] > results[variant]["tokens_per_s"]:
+                    results[variant] = run
     print_table(results)
     plain = results["plain_sft"]["tokens_per_s"]
     report = {"settings": {k: v for k, v in vars(args).items() if k != "child"},
-              "results": results,
+              "data": data, "results": results,
               "ratios": {k: r["tokens_per_s"] / plain for k, r in results.items()}}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

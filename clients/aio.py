@@ -2,6 +2,7 @@
 
 Create it inside a running event loop (grpc.aio channels bind to the loop that uses them).
 Streams are async iterators; leaving an `async with` block or calling `cancel()` cancels the call.
+Security options (API key, TLS, mutual TLS) are those of `clients.client.ClientSecurity`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import grpc.aio
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
-from clients.client import Deadline, RetryPolicy, should_retry
+from clients.client import (
+    ClientSecurity,
+    Deadline,
+    PemPath,
+    RetryPolicy,
+    open_channel,
+    should_retry,
+)
 from clients.errors import SwitchboardRpcError
 from clients.types import (
     AdapterInfo,
@@ -68,6 +76,11 @@ class AsyncSwitchboardClient:
         timeout: float | None = None,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: PemPath | None = None,
+        client_cert: PemPath | None = None,
+        client_key: PemPath | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -76,10 +89,12 @@ class AsyncSwitchboardClient:
         self.target = target
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy(retries=retries)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        self._security = ClientSecurity(api_key=api_key, tls=tls, ca_cert=ca_cert,
+                                        client_cert=client_cert, client_key=client_key)
+        self._metadata = self._security.call_metadata()
+        self._channel = open_channel(target, self._security, credentials, options,
+                                     insecure=grpc.aio.insecure_channel,
+                                     secure=grpc.aio.secure_channel)
         self._inference = pb_grpc.InferenceServiceStub(self._channel)
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._sessions = pb_grpc.SessionServiceStub(self._channel)
@@ -94,7 +109,8 @@ class AsyncSwitchboardClient:
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=deadline.remaining())
+                return await method(request, timeout=deadline.remaining(),
+                                    metadata=self._metadata)
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
@@ -110,7 +126,8 @@ class AsyncSwitchboardClient:
         deadline = Deadline(self.timeout if timeout is None else timeout)
         attempt = 0
         while True:
-            call = self._inference.ChatStream(request, timeout=deadline.remaining())
+            call = self._inference.ChatStream(request, timeout=deadline.remaining(),
+                                              metadata=self._metadata)
             yielded = False
             try:
                 async for chunk in call:
@@ -233,6 +250,9 @@ class AsyncSwitchboardClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncSwitchboardClient({self.target!r}, {self._security.describe()})"
 
     async def __aenter__(self) -> AsyncSwitchboardClient:
         return self

@@ -2,7 +2,11 @@
 
 Only argparse and the standard library load at start; gRPC loads when a command needs it, and the
 server package never loads here (`switchboard serve` replaces this process with the server's
-own CLI). Failed calls print `error: CODE: details` to stderr and exit with status 1.
+own CLI). Failed calls print `error: CODE: details` to stderr and exit with status 1; a call
+refused for want of a key (or of an admin key) says so on that line.
+
+The security options (`--api-key`, `--tls`, `--ca-cert`, `--client-cert`, `--client-key`) and the
+error line are shared with the `evalsuite` CLI; the key's environment variable is read in `main`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,55 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from clients.client import SwitchboardClient
+    from clients.errors import SwitchboardRpcError
     from clients.types import ChatResult
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+API_KEY_ENV = "SWITCHBOARD_API_KEY"
+# What a refused call needs, said on the error line (the server's details follow).
+AUTH_HINTS = {
+    "UNAUTHENTICATED": f"this call needs a key the server knows (--api-key or ${API_KEY_ENV})",
+    "PERMISSION_DENIED": "this call needs an admin key",
+}
 TRUNCATION_CHOICES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
 REPL_HELP = "commands: /reset clears the conversation, /quit leaves (so does Ctrl-D)"
 
 Handler = Callable[["SwitchboardClient", argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------- security and errors
+
+
+def add_security_options(parser: argparse.ArgumentParser, *, key_help: str = "") -> None:
+    """--api-key, --tls, --ca-cert, --client-cert, --client-key (read by `security_kwargs`)."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help=f"key sent with every call (default: ${API_KEY_ENV}, which keeps it "
+                       "out of the process list). " + (key_help or "Chat and score need an API "
+                       "key; adapters and sessions commands need an admin key."))
+    group.add_argument("--tls", action="store_true",
+                       help="connect with TLS, trusting the system's CAs (implied by --ca-cert "
+                       "and --client-cert)")
+    group.add_argument("--ca-cert", default=None, metavar="PEM",
+                       help="CA certificate that signed the server's certificate")
+    group.add_argument("--client-cert", default=None, metavar="PEM",
+                       help="this client's certificate, for a server that requires mutual TLS")
+    group.add_argument("--client-key", default=None, metavar="PEM",
+                       help="the private key of --client-cert")
+
+
+def security_kwargs(args: argparse.Namespace, env_api_key: str | None) -> dict[str, Any]:
+    """The client's security keywords; `env_api_key` (read by main) stands in for --api-key."""
+    api_key = env_api_key if args.api_key is None else args.api_key
+    # An empty --api-key '' (or variable) means no key, so a set variable can be overridden.
+    return {"api_key": api_key or None, "tls": args.tls, "ca_cert": args.ca_cert,
+            "client_cert": args.client_cert, "client_key": args.client_key}
+
+
+def describe_error(err: SwitchboardRpcError) -> str:
+    """`CODE: details`, with what the call needs when the server refused it for its key."""
+    hint = AUTH_HINTS.get(err.code)
+    return f"{err.code}: {hint}: {err.details}" if hint else f"{err.code}: {err.details}"
 
 
 # ---------------------------------------------------------------------- output helpers
@@ -127,7 +173,7 @@ def _stream_answer(
         print("\n[cancelled]", file=sys.stderr)
         return None
     except SwitchboardRpcError as err:
-        print(f"\nerror: {err.code}: {err.details}", file=sys.stderr)
+        print(f"\nerror: {describe_error(err)}", file=sys.stderr)
         return None
     out.write("\n")
     if final is not None and (args.stats or final.truncation.get("applied")):
@@ -145,7 +191,7 @@ def _repl_reset(client: SwitchboardClient, args: argparse.Namespace) -> None:
         client.delete_session(args.session, timeout=args.timeout)
         print(f"[session {args.session} deleted]", file=sys.stderr)
     except SwitchboardRpcError as err:
-        print(f"error: {err.code}: {err.details}", file=sys.stderr)
+        print(f"error: {describe_error(err)}", file=sys.stderr)
 
 
 def _next_messages(args: argparse.Namespace, history: list[dict[str, str]], line: str
@@ -353,6 +399,7 @@ def _common_options(target_default: str) -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=None,
                         help="deadline in seconds for each command's call (default: none)")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_security_options(common)
     return common
 
 
@@ -469,10 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clients.errors import SwitchboardRpcError
 
     try:
-        with SwitchboardClient(args.target) as client:
+        security = security_kwargs(args, os.environ.get(API_KEY_ENV))
+        with SwitchboardClient(args.target, **security) as client:
             return args.handler(client, args)
     except SwitchboardRpcError as err:
-        print(f"error: {err.code}: {err.details}", file=sys.stderr)
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

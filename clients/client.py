@@ -3,6 +3,9 @@
 Every call returns a plain dataclass from `clients.types` and raises only
 `clients.errors.SwitchboardRpcError`. A call's `timeout` is one deadline over all its attempts:
 retries never stretch it. A stream is retried only while it has yielded nothing.
+
+`ClientSecurity` (shared with the asyncio client) turns the security options into channel
+credentials (TLS, mutual TLS) and the metadata every call carries (`authorization: Bearer KEY`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -38,6 +42,100 @@ T = TypeVar("T")
 
 # Only a server that is not there (yet) is worth asking again; every other code is an answer.
 RETRYABLE_CODES = frozenset({"UNAVAILABLE"})
+
+Metadata = tuple[tuple[str, str], ...]
+PemPath = str | Path
+
+
+def _read_pem(option: str, path: Path) -> bytes:
+    """The bytes of a PEM file, or a ValueError naming the option and the file (never its text)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{option}: no such file: {path}") from None
+    except OSError as err:
+        raise ValueError(f"{option}: cannot read {path}: {err.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{option}: {path} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client proves who it is: an API key in every call's metadata, TLS, mutual TLS.
+
+    `ca_cert` (the CA that signed the server's certificate; default: the system's roots) and
+    `client_cert`/`client_key` (mutual TLS, given together) are PEM files and imply `tls`.
+    The key is kept out of repr() and out of every message this class raises.
+    """
+
+    api_key: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_cert: PemPath | None = None
+    client_cert: PemPath | None = None
+    client_key: PemPath | None = None
+    _pems: dict[str, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = self.api_key
+        if key is not None and not (isinstance(key, str) and key and key.isascii()
+                                    and key.isprintable() and not any(c.isspace() for c in key)):
+            # gRPC metadata values are printable ASCII; say what is wrong, never the key.
+            raise ValueError("api_key must be a non-empty string of printable ASCII without "
+                             "spaces (or None for no key)")
+        for name in ("ca_cert", "client_cert", "client_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key are given together (mutual TLS needs "
+                             f"both PEM files), got client_cert={self.client_cert} "
+                             f"client_key={self.client_key}")
+        # Read now, so a wrong path fails here and not as UNAVAILABLE on the first call.
+        for name in ("ca_cert", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None:
+                self._pems[name] = _read_pem(name, path)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the channel, or None for a plaintext channel."""
+        if not self.uses_tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._pems.get("ca_cert"),
+            private_key=self._pems.get("client_key"),
+            certificate_chain=self._pems.get("client_cert"),
+        )
+
+    def call_metadata(self) -> Metadata:
+        """What every call sends: the API key as a bearer token, when there is one."""
+        return () if self.api_key is None else (("authorization", f"Bearer {self.api_key}"),)
+
+    def describe(self) -> str:
+        """For repr(): which protections are on, never the key itself."""
+        transport = "mtls" if self.client_cert else "tls" if self.uses_tls else "plaintext"
+        return f"{transport}, {'api key' if self.api_key else 'no key'}"
+
+
+def open_channel(
+    target: str, security: ClientSecurity, credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, Any]], *, insecure: Callable[..., T], secure: Callable[..., T],
+) -> T:
+    """One channel (sync or aio, by the factories given).
+
+    `credentials` is the escape hatch for anything else grpc offers; it excludes the TLS options.
+    """
+    if credentials is not None and security.uses_tls:
+        raise ValueError("give either credentials or tls/ca_cert/client_cert/client_key, not both")
+    if credentials is None:
+        credentials = security.channel_credentials()
+    if credentials is None:
+        return insecure(target, options=list(options))
+    return secure(target, credentials, options=list(options))
 
 
 @dataclass(frozen=True)
@@ -126,6 +224,11 @@ class SwitchboardClient:
         timeout: float | None = None,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: PemPath | None = None,
+        client_cert: PemPath | None = None,
+        client_key: PemPath | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -134,10 +237,11 @@ class SwitchboardClient:
         self.target = target
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy(retries=retries)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._security = ClientSecurity(api_key=api_key, tls=tls, ca_cert=ca_cert,
+                                        client_cert=client_cert, client_key=client_key)
+        self._metadata = self._security.call_metadata()
+        self._channel = open_channel(target, self._security, credentials, options,
+                                     insecure=grpc.insecure_channel, secure=grpc.secure_channel)
         self._inference = pb_grpc.InferenceServiceStub(self._channel)
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._sessions = pb_grpc.SessionServiceStub(self._channel)
@@ -150,7 +254,7 @@ class SwitchboardClient:
         attempt = 0
         while True:
             try:
-                return method(request, timeout=deadline.remaining())
+                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
@@ -164,7 +268,8 @@ class SwitchboardClient:
         deadline = Deadline(self.timeout if timeout is None else timeout)
         attempt = 0
         while True:
-            call = self._inference.ChatStream(request, timeout=deadline.remaining())
+            call = self._inference.ChatStream(request, timeout=deadline.remaining(),
+                                              metadata=self._metadata)
             yielded = False
             try:
                 for chunk in call:
@@ -280,6 +385,9 @@ class SwitchboardClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"SwitchboardClient({self.target!r}, {self._security.describe()})"
 
     def __enter__(self) -> SwitchboardClient:
         return self

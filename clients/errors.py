@@ -1,4 +1,8 @@
-"""The one exception the client raises for a failed call, carrying the gRPC status by name."""
+"""The exceptions the client raises for a failed call, carrying the gRPC status by name.
+
+Every failed call raises `SwitchboardRpcError`; the two refusals of an authenticating server come
+as its subclasses, so callers can catch "needs a key" and "needs an admin key" by type.
+"""
 
 from __future__ import annotations
 
@@ -22,4 +26,18 @@ class SwitchboardRpcError(Exception):
         code = err.code() if callable(getattr(err, "code", None)) else None
         details = err.details() if callable(getattr(err, "details", None)) else None
         name = getattr(code, "name", None) or "UNKNOWN"
-        return cls(name, details or str(err))
+        return ERROR_BY_CODE.get(name, SwitchboardRpcError)(name, details or str(err))
+
+
+class UnauthenticatedError(SwitchboardRpcError):
+    """UNAUTHENTICATED: the call carried no key, or one the server does not know."""
+
+
+class PermissionDeniedError(SwitchboardRpcError):
+    """PERMISSION_DENIED: the key is valid but not for this call (an API key on an admin call)."""
+
+
+ERROR_BY_CODE: dict[str, type[SwitchboardRpcError]] = {
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+}

@@ -1,23 +1,30 @@
 """`evalsuite`: replay test sets against adapters (`run`) and promote a gated candidate (`promote`).
 
 Exit codes, for CI: 0 every candidate passed (or the promotion happened), 1 a regression (or the
-promotion was refused), 2 an error (bad arguments, unreadable files, server unreachable, an adapter
-the server cannot resolve, or an adapter that answered no turn at all).
+promotion was refused), 2 an error (bad arguments, unreadable files, server unreachable, a key the
+server refused, an adapter the server cannot resolve, or an adapter that answered no turn at all).
+
+Both commands take the `switchboard` CLI's security options (`--api-key`, default
+$SWITCHBOARD_API_KEY, read in `main`; `--tls`, `--ca-cert`, `--client-cert`, `--client-key`):
+`run` needs an API key, `promote` an admin key, when the server checks keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from clients.aio import AsyncSwitchboardClient
-from clients.client import SwitchboardClient
+from clients.cli import API_KEY_ENV, add_security_options, describe_error, security_kwargs
+from clients.client import ClientSecurity, SwitchboardClient
 from clients.errors import SwitchboardRpcError
 from common.data import DataError
 from evalsuite.cache import ResultCache
@@ -77,6 +84,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="replay everything, cache nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_security_options(p, key_help="Replaying needs an API key (or an admin key).")
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ async def _resolve_all(client: AsyncSwitchboardClient, requested: Sequence[str],
             resolved.append(await asyncio.wait_for(resolve_adapter(client, ref), timeout))
         except SwitchboardRpcError as err:
             raise UsageError(
-                f"adapter {ref!r}: the server answered {err.code}: {err.details}"
+                f"adapter {ref!r}: the server answered {describe_error(err)}"
             ) from None
     return resolved
 
@@ -127,7 +135,8 @@ async def _resolve_all(client: AsyncSwitchboardClient, requested: Sequence[str],
 async def _replay(args: argparse.Namespace, settings: RunSettings,
                   conversations: Sequence[EvalConversation]
                   ) -> tuple[list[ResolvedAdapter], dict[str, list[ConversationResult]]]:
-    async with AsyncSwitchboardClient(args.target, timeout=args.timeout) as client:
+    async with AsyncSwitchboardClient(args.target, timeout=args.timeout,
+                                      **args.security) as client:
         adapters = await _resolve_all(client, settings.adapters, args.timeout)
         plan = ReplayPlan(adapters=adapters, conversations=conversations, mode=args.mode,
                           sampling=settings.sampling, concurrency=args.concurrency,
@@ -174,7 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         adapters, results = asyncio.run(_replay(args, settings, conversations))
     except SwitchboardRpcError as err:
-        raise UsageError(f"{args.target}: {err.code}: {err.details}") from None
+        raise UsageError(f"{args.target}: {describe_error(err)}") from None
     _check_answered(results)
     baseline = next(a.key for a in adapters if a.requested == settings.baseline)
     info = RunInfo(
@@ -206,10 +215,12 @@ def _add_promote_arguments(p: argparse.ArgumentParser) -> None:
                    help="also append the record to this JSONL file "
                         "(always appended to <report>/promotions.jsonl)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for SetAlias")
+    add_security_options(p, key_help="Promoting moves an alias, so it needs an ADMIN key "
+                         "(an API key is refused with PERMISSION_DENIED).")
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    client = SwitchboardClient(args.target, timeout=args.timeout)
+    client = SwitchboardClient(args.target, timeout=args.timeout, **args.security)
     try:
         rec = promote(client, alias=args.alias, candidate=args.candidate,
                       report_dir=args.report, server=args.target, record=args.record)
@@ -217,7 +228,7 @@ def promote_command(args: argparse.Namespace) -> int:
         print(f"evalsuite promote: refused: {err}", file=sys.stderr)
         return EXIT_REGRESSION
     except SwitchboardRpcError as err:
-        raise UsageError(f"{args.target}: SetAlias failed: {err.code}: {err.details}") from None
+        raise UsageError(f"{args.target}: SetAlias failed: {describe_error(err)}") from None
     finally:
         client.close()
     print(f"{rec.alias} -> {rec.target} (was {rec.previous or 'unset'}), "
@@ -226,6 +237,16 @@ def promote_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- entry point
+
+def _security(args: argparse.Namespace, env_api_key: str | None) -> dict[str, Any]:
+    """The clients' security keywords, checked (PEM files readable) before any call is made."""
+    security = security_kwargs(args, env_api_key)
+    try:
+        ClientSecurity(**security)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return security
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -236,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="replay test sets against adapters, compare, gate, report")
     _add_run_arguments(run)
     run.set_defaults(func=run_command)
-    prom = sub.add_parser("promote", help="move an alias to a candidate whose gate passed")
+    prom = sub.add_parser("promote", help="move an alias to a candidate whose gate passed "
+                          "(needs an admin key when the server checks keys)")
     _add_promote_arguments(prom)
     prom.set_defaults(func=promote_command)
     return parser
@@ -249,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad usage, which is our error code too
         return int(exc.code or 0)
     try:
+        args.security = _security(args, os.environ.get(API_KEY_ENV))
         return args.func(args)
     except UsageError as err:
         print(f"evalsuite {args.command}: error: {err}", file=sys.stderr)

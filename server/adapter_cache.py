@@ -1,10 +1,14 @@
 """The set of loaded adapters: reading PEFT files, and an LRU of slots with pins.
 
 `read_adapter` turns a standard PEFT LoRA directory (adapter_config.json +
-adapter_model.safetensors; nothing else is read) into per-module `LoraWeights`, validating it
-against the base before anything touches the model. `AdapterCache` maps "name@version" keys to
-LoRA slots: least recently used unpinned entries are evicted past capacity, a pinned (in-use)
-entry never is, and `AdapterCapacityError` says so when every slot is pinned. Thread-safe.
+adapter_model.safetensors; nothing else is read, never a pickle) into per-module `LoraWeights`,
+validating it against the base before anything touches the model: a weights file over the size
+limit is refused before it is read, and a corrupt one is an `AdapterLoadError`, not a crash.
+`AdapterCache` maps "name@version" keys to LoRA slots and keeps two limits: the number of slots
+and, optionally, a memory budget for the sum of the loaded adapters' bytes. Least recently used
+unpinned entries are evicted to make room, a pinned (in-use) entry never is, and
+`AdapterCapacityError` says so, with the sizes, when nothing evictable makes enough room.
+Thread-safe.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from server.errors import (
     AdapterCapacityError,
     AdapterInUseError,
     AdapterLoadError,
+    AdapterTooLargeError,
     NotFoundError,
 )
 from server.lora import LoraWeights
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# A real adapter_config.json is a few kilobytes; a huge one is damage or an attack.
+MAX_CONFIG_BYTES = 1024 * 1024
 # base_model.model.<module>.lora_A.weight (PEFT may keep the adapter name before ".weight").
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
@@ -82,6 +89,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise _fail(path, f"{CONFIG_FILE} is missing")
     try:
+        size = config_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _fail(path, f"{CONFIG_FILE} is {size} bytes; at most {MAX_CONFIG_BYTES} are read")
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"{CONFIG_FILE} is not valid JSON: {e}") from e
@@ -97,19 +107,33 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(path: Path) -> dict[str, Any]:
+def _check_size(path: Path, weights_path: Path, max_bytes: int | None) -> None:
+    """Refuse an oversized weights file from its size alone, before reading a byte of it."""
+    if max_bytes is None:
+        return
+    size = weights_path.stat().st_size
+    if size > max_bytes:
+        raise AdapterTooLargeError(
+            f"adapter at {path}: {WEIGHTS_FILE} is {size} bytes, over this server's limit of "
+            f"{max_bytes} bytes (setting max_adapter_bytes, --max-adapter-bytes); the file was "
+            "not read. Retrying will not help: raise the limit or serve a smaller adapter")
+
+
+def _read_tensors(path: Path, max_bytes: int | None) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         others = sorted(p.name for p in path.glob("adapter_model.*"))
-        found = f" (found {', '.join(others)}; only safetensors are read)" if others else ""
+        found = (f" (found {', '.join(others)}; only safetensors are read, never pickle files)"
+                 if others else "")
         raise _fail(path, f"{WEIGHTS_FILE} is missing{found}")
     try:
+        _check_size(path, weights_path, max_bytes)
         return load_file(str(weights_path), device="cpu")
     except (OSError, SafetensorError) as e:
-        raise _fail(path, f"{WEIGHTS_FILE} is unreadable: {e}") from e
+        raise _fail(path, f"{WEIGHTS_FILE} is unreadable (corrupt or truncated?): {e}") from e
 
 
 def _group_by_module(path: Path, tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -149,6 +173,12 @@ def _check_module(
     if module not in shapes:
         raise _fail(path, f"targets {module!r}, which is not a Linear layer of this base")
     in_features, out_features = shapes[module]
+    for which, tensor in (("lora_A", a), ("lora_B", b)):
+        if not tensor.is_floating_point():
+            raise _fail(path, f"{module!r} {which} has dtype {tensor.dtype}; LoRA weights are "
+                              "floating point")
+        if not bool(tensor.isfinite().all()):
+            raise _fail(path, f"{module!r} {which} holds NaN or infinite values")
     rank = a.shape[0]
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (out_features, rank):
         raise _fail(
@@ -161,14 +191,18 @@ def _check_module(
 
 
 def read_adapter(
-    path: Path, module_shapes: Mapping[str, tuple[int, int]], max_rank: int, dtype: Any = None
+    path: Path, module_shapes: Mapping[str, tuple[int, int]], max_rank: int, dtype: Any = None,
+    *, max_bytes: int | None = None,
 ) -> AdapterWeights:
-    """Read and validate a PEFT LoRA directory; raise AdapterLoadError saying what is wrong."""
+    """Read and validate a PEFT LoRA directory; raise AdapterLoadError saying what is wrong.
+
+    `max_bytes` bounds the weights file (AdapterTooLargeError before reading; None = no limit).
+    """
     path = Path(path)
     if not path.is_dir():
         raise _fail(path, "not a directory")
     config = _read_config(path)
-    grouped = _group_by_module(path, _read_tensors(path))
+    grouped = _group_by_module(path, _read_tensors(path, max_bytes))
     modules = {}
     for module, pair in sorted(grouped.items()):
         a, b = pair["A"], pair["B"]
@@ -191,16 +225,35 @@ class _Entry:
         return LoadedAdapter(key, self.rank, self.memory_bytes, self.load_seconds)
 
 
-class AdapterCache:
-    """Loaded adapters by key, each in a LoRA slot (1..capacity); LRU eviction, pins kept."""
+BUDGET_SETTING = "adapter_memory_budget_bytes, --adapter-memory-budget-bytes"
 
-    def __init__(self, capacity: int) -> None:
+
+class AdapterCache:
+    """Loaded adapters by key, each in a LoRA slot (1..capacity); LRU eviction, pins kept.
+
+    With a `memory_budget` (bytes, 0 = none) the loaded adapters' `memory_bytes` plus those of
+    slots reserved for loads in progress never add up to more than the budget.
+    """
+
+    def __init__(self, capacity: int, memory_budget: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if memory_budget < 0:
+            raise ValueError(f"memory_budget must be >= 0 (0 = none), got {memory_budget}")
         self.capacity = capacity
+        self.memory_budget = memory_budget
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._free_slots = list(range(capacity, 0, -1))
+        self._reserved: dict[int, int] = {}  # slot -> bytes of a load not yet added
+
+    def memory_used(self) -> int:
+        """Bytes of the loaded adapters plus those reserved for loads in progress."""
+        with self._lock:
+            return self._used()
+
+    def _used(self) -> int:
+        return sum(e.memory_bytes for e in self._entries.values()) + sum(self._reserved.values())
 
     def get(self, key: str) -> LoadedAdapter | None:
         with self._lock:
@@ -229,28 +282,63 @@ class AdapterCache:
                 entry.pins -= 1
                 entry.last_used = time.time()
 
-    def reserve_slot(self) -> tuple[int, list[str]]:
-        """A slot for a new adapter: a free one, else the least recently used unpinned
-        entry's (returned as evicted). AdapterCapacityError when every entry is pinned."""
+    def reserve_slot(self, memory_bytes: int = 0, key: str = "the new adapter"
+                     ) -> tuple[int, list[str]]:
+        """A slot for a new adapter of `memory_bytes`, and the keys evicted to make room.
+
+        Least recently used unpinned entries are evicted until a slot is free and the budget
+        holds the new adapter. Nothing is evicted when that cannot succeed: then
+        AdapterCapacityError says why (every slot pinned, or the sizes that do not fit).
+        """
         with self._lock:
-            if self._free_slots:
-                return self._free_slots.pop(), []
-            for key, entry in self._entries.items():
-                if entry.pins == 0:
-                    del self._entries[key]
-                    return entry.slot, [key]
+            victims = self._victims(memory_bytes, key)
+            for victim in victims:
+                self._free_slots.append(self._entries.pop(victim).slot)
+            slot = self._free_slots.pop()
+            self._reserved[slot] = memory_bytes
+            return slot, victims
+
+    def _victims(self, memory_bytes: int, key: str) -> list[str]:
+        """The LRU-first unpinned keys whose eviction makes room; raises when none suffices."""
+        budget = self.memory_budget
+        if budget and memory_bytes > budget:
+            raise AdapterCapacityError(
+                f"{key} needs {memory_bytes} bytes of adapter memory, more than the whole "
+                f"budget of {budget} bytes ({BUDGET_SETTING}); raise the budget or load a "
+                "smaller adapter (lower rank or fewer target modules)")
+        need_slot, used = not self._free_slots, self._used()
+        victims = []
+        for victim, entry in self._entries.items():
+            if not need_slot and not (budget and used + memory_bytes > budget):
+                break
+            if entry.pins == 0:
+                victims.append(victim)
+                need_slot, used = False, used - entry.memory_bytes
+        if need_slot:
             raise AdapterCapacityError(
                 f"all {self.capacity} adapter slots are in use by running requests "
                 f"({', '.join(self._entries)}); none can be evicted"
             )
+        if budget and used + memory_bytes > budget:
+            raise AdapterCapacityError(
+                f"{key} needs {memory_bytes} bytes of adapter memory but only "
+                f"{budget - used} of the {budget}-byte budget ({BUDGET_SETTING}) can be made "
+                f"free: {used} bytes are held by adapters in use by running requests or being "
+                f"loaded ({', '.join(k for k, e in self._entries.items() if e.pins) or '-'}); "
+                "retry when they finish, or raise the budget"
+            )
+        return victims
 
     def release_slot(self, slot: int) -> None:
         """Give back a reserved slot that was not filled (its install failed)."""
         with self._lock:
+            self._reserved.pop(slot, None)
             self._free_slots.append(slot)
 
     def add(self, key: str, slot: int, rank: int, memory_bytes: int, load_seconds: float) -> None:
+        """Fill a reserved slot; its reservation becomes the entry's own `memory_bytes`."""
         with self._lock:
+            self._reserved.pop(slot, None)
             self._entries[key] = _Entry(slot, rank, memory_bytes, load_seconds, 0, time.time())
 
     def remove(self, key: str) -> int:

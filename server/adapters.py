@@ -3,10 +3,14 @@
 Resolves "name" | "name@version" | alias to one immutable `<root>/<name>/<version>/` directory.
 A bare "name" means the alias of that name when one exists (so promoting `support -> support@7`
 moves every plain "support" request), otherwise the highest version on disk. Only directories
-below the root are ever returned. Loading weights is the engine's job; this module only reads
-manifests and keeps `<root>/aliases.json` and, beside it, `<root>/alias_history.jsonl`: one JSON
-line per alias move (alias, target, previous, reason, moved_at), written under the same lock as
-aliases.json so the history and the table agree.
+below the root are ever returned: references are checked against strict patterns (no path
+separators, no "..", no NUL, no leading zeros, at most 128 characters), and a version directory,
+or any file in it, that resolves outside the root through a symlink is not served. A version
+whose files are missing or damaged is kept out of the served set with the reason, which the
+error for a request naming it carries; the other adapters are not affected. Loading weights is
+the engine's job; this module only reads manifests and keeps `<root>/aliases.json` and, beside
+it, `<root>/alias_history.jsonl`: one JSON line per alias move (alias, target, previous, reason,
+moved_at), written under the same lock as aliases.json so the history and the table agree.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from server.errors import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHTS_FILE = "adapter_model.safetensors"
+REQUIRED_FILES = ("adapter_config.json", WEIGHTS_FILE)
 # Adapters made by `trainer fit` carry a manifest; plain PEFT adapters from elsewhere may not, and
 # are then matched on adapter_config.json's base_model_name_or_path instead.
 MANIFEST = "manifest.json"
@@ -39,8 +44,11 @@ PEFT_BASE_PREFIX = "peft-base:"
 ALIASES_FILE = "aliases.json"
 HISTORY_FILE = "alias_history.jsonl"
 MAX_REASON_CHARS = 4096
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+# Used with fullmatch: a bare `$` would also accept a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+# Error messages quote what the caller sent; a megabyte name must not become a megabyte status.
+_SHOWN_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,19 @@ class AliasMove:
         return cls(**values)
 
 
+def shown(value: str) -> str:
+    """`value` quoted for an error message, cut to a readable length."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
 def check_name(value: str, what: str) -> str:
     """Adapter and alias names: letters, digits, '.', '_', '-'; never a path component trick."""
-    if not _NAME.match(value) or value in (".", "..") or ".." in value:
+    if not _NAME.fullmatch(value) or ".." in value:
         raise InvalidArgumentError(
-            f"{what} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"{what} {shown(value)} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '..')"
         )
     return value
 
@@ -112,9 +127,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name, "adapter name")
     if not sep:
         return name, None
-    if not _VERSION.match(version):
+    if not _VERSION.fullmatch(version):
         raise InvalidArgumentError(
-            f"adapter reference {ref!r} has a bad version {version!r}: use name@N with N >= 1"
+            f"adapter reference {shown(ref)} has a bad version {shown(version)}: use name@N "
+            "with N a whole number >= 1"
         )
     return name, int(version)
 
@@ -190,10 +206,19 @@ class AdapterRegistry:
         if not self._inside_root(entry):
             self._problems[key] = f"{entry} points outside the adapters root {self.root}"
             return None
-        missing = [f for f in REQUIRED_FILES if not (entry / f).is_file()
-                   or not self._inside_root(entry / f)]
+        outside = [f for f in (*REQUIRED_FILES, MANIFEST)
+                   if (entry / f).exists() and not self._inside_root(entry / f)]
+        if outside:
+            self._problems[key] = (f"{entry}: {', '.join(outside)} points outside the adapters "
+                                   f"root {self.root}")
+            return None
+        missing = [f for f in REQUIRED_FILES if not (entry / f).is_file()]
         if missing:
             self._problems[key] = f"{entry} is incomplete: missing {', '.join(missing)}"
+            others = sorted(p.name for p in entry.glob("adapter_model.*"))
+            if WEIGHTS_FILE in missing and others:
+                self._problems[key] += (f" (found {', '.join(others)}; only safetensors weights "
+                                        "are read, never pickle files such as .bin)")
             return None
         try:
             if (entry / MANIFEST).is_file():
@@ -218,10 +243,10 @@ class AdapterRegistry:
         versions: dict[str, dict[int, AdapterVersion]] = {}
         self._problems = {}
         for adapter_dir in sorted(self.root.iterdir()):
-            if not adapter_dir.is_dir() or not _NAME.match(adapter_dir.name):
+            if not adapter_dir.is_dir() or not _NAME.fullmatch(adapter_dir.name):
                 continue
             for entry in sorted(adapter_dir.iterdir()):
-                if entry.is_dir() and _VERSION.match(entry.name):
+                if entry.is_dir() and _VERSION.fullmatch(entry.name):
                     found = self._scan_version(adapter_dir.name, entry)
                     if found is not None:
                         versions.setdefault(found.name, {})[found.version] = found
@@ -285,13 +310,18 @@ class AdapterRegistry:
         key = f"{name}@{version}" if version is not None else None
         if key in self._problems:
             return AdapterLoadError(f"adapter {ref!r} cannot be served: {self._problems[key]}")
+        broken = sorted(k for k in self._problems if k.partition("@")[0] == name)
+        if version is None and name not in self._aliases and broken:
+            reasons = "; ".join(f"{k}: {self._problems[k]}" for k in broken)
+            return AdapterLoadError(f"adapter {ref!r} has no servable version: {reasons}")
         alias = self._aliases.get(name) if version is None else None
         if alias is not None:
             return NotFoundError(
                 f"alias {name!r} points to {alias.target}, which is not on disk; "
                 f"adapters available: {self._known()}"
             )
-        return NotFoundError(f"adapter {ref!r} not found; adapters available: {self._known()}")
+        return NotFoundError(
+            f"adapter {shown(ref)} not found; adapters available: {self._known()}")
 
     def _check(self, found: AdapterVersion, require_compatible: bool) -> AdapterVersion:
         if require_compatible and not found.compatible:

@@ -3,6 +3,10 @@
 This is the edge: request validation, proto <-> domain conversion and the ONLY place where domain
 exceptions (server/errors.py) become status codes (see STATUS_BY_ERROR). The work itself (chat,
 score, adapter and session administration) is in server/service.py, which knows no gRPC.
+
+Requests are decoded here too (`add_servicers` registers the handlers with our deserializer): a
+body protobuf refuses, such as a string field holding invalid UTF-8, reaches the handler as an
+`UndecodableRequest` and is answered INVALID_ARGUMENT instead of grpc's own UNKNOWN.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from common.conversation import ROLES, Message
-from server.adapters import AdapterVersion, Alias, AliasMove
+from server.adapters import AdapterVersion, Alias, AliasMove, shown
 from server.config import TRUNCATION_STRATEGIES, ServerConfig
 from server.errors import (
     AdapterInUseError,
@@ -118,6 +124,36 @@ async def _announce_request_id(context: grpc.aio.ServicerContext) -> str:
     return request_id
 
 
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What the handler gets instead of a request protobuf could not parse."""
+
+    type_name: str
+    error: str
+
+    def check(self) -> None:
+        raise InvalidArgumentError(
+            f"request is not a valid {self.type_name}: {self.error}; strings must be UTF-8")
+
+
+def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
+    """`message_type.FromString`, but a body it refuses becomes an UndecodableRequest: grpc
+    would otherwise answer UNKNOWN before any handler (or its error mapping) runs."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(e))
+
+    return deserialize
+
+
+def _decoded(request: Any) -> None:
+    if isinstance(request, UndecodableRequest):
+        request.check()
+
+
 def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map exceptions of a unary handler to status codes (known ones precisely, others INTERNAL)."""
 
@@ -125,6 +161,7 @@ def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with request_context(await _announce_request_id(context)):
             try:
+                _decoded(request)
                 return await method(self, request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -141,6 +178,7 @@ def stream_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with request_context(await _announce_request_id(context)):
             try:
+                _decoded(request)
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -170,16 +208,28 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
-MAX_MESSAGES = 10_000
 
 
-def messages_from_pb(items: Iterable[pb.Message]) -> list[Message]:
+def check_text_length(field_name: str, text: str, config: ServerConfig) -> str:
+    if len(text) > config.max_message_chars:
+        raise InvalidArgumentError(
+            f"{field_name} has {len(text)} characters; at most {config.max_message_chars} are "
+            "allowed (setting max_message_chars, --max-message-chars)")
+    return text
+
+
+def messages_from_pb(items: Sequence[pb.Message], config: ServerConfig) -> list[Message]:
     """Each message checked on its own; whole-conversation rules are in check_conversation."""
+    if len(items) > config.max_messages:
+        raise InvalidArgumentError(
+            f"messages has {len(items)} entries; at most {config.max_messages} are allowed "
+            "(setting max_messages, --max-messages)")
     messages: list[Message] = []
     for i, item in enumerate(items):
         if item.role not in ROLES:
             raise InvalidArgumentError(
-                f"messages[{i}].role is {item.role!r}; allowed roles: {', '.join(ROLES)}")
+                f"messages[{i}].role is {shown(item.role)}; allowed roles: {', '.join(ROLES)}")
+        check_text_length(f"messages[{i}].content", item.content, config)
         if item.role == "system" and i > 0:
             raise InvalidArgumentError(
                 f"messages[{i}] is a system message; only the first message may be one")
@@ -188,9 +238,6 @@ def messages_from_pb(items: Iterable[pb.Message]) -> list[Message]:
         messages.append(Message(item.role, item.content))
     if not messages:
         raise InvalidArgumentError("messages is empty: send at least one user message")
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidArgumentError(
-            f"messages has {len(messages)} entries; at most {MAX_MESSAGES} are allowed")
     return messages
 
 
@@ -258,7 +305,7 @@ def check_session_id(session_id: str) -> str:
 def chat_input_from_pb(request: pb.ChatRequest, config: ServerConfig,
                        vocab_size: int) -> ChatInput:
     session_id = check_session_id(request.session_id)
-    messages = messages_from_pb(request.messages)
+    messages = messages_from_pb(request.messages, config)
     if not session_id:
         check_conversation(messages)
     return ChatInput(
@@ -398,8 +445,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Score(self, request: pb.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         core = self.runtime.require()
-        messages = messages_from_pb(request.messages)
-        outcome = await score(core, messages, request.continuation, request.adapter.strip())
+        messages = messages_from_pb(request.messages, core.config)
+        continuation = check_text_length("continuation", request.continuation, core.config)
+        outcome = await score(core, messages, continuation, request.adapter.strip())
         return score_response_pb(outcome)
 
 
@@ -488,7 +536,29 @@ SERVICE_NAMES = (
 )
 
 
+def method_handlers(service_name: str, servicer: Any) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's handlers as the generated add_*_to_server builds them, but decoding each
+    request with `_deserializer`. Every method of our services has a unary request."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=_deserializer(request_type),
+                                     response_serializer=response_type.SerializeToString)
+    return handlers
+
+
 def add_servicers(server: grpc.aio.Server, runtime: Runtime) -> None:
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(runtime), server)
-    pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(runtime), server)
-    pb_grpc.add_SessionServiceServicer_to_server(SessionServicer(runtime), server)
+    servicers = {"InferenceService": InferenceServicer(runtime),
+                 "AdapterService": AdapterServicer(runtime),
+                 "SessionService": SessionServicer(runtime)}
+    for short_name, servicer in servicers.items():
+        full_name = pb.DESCRIPTOR.services_by_name[short_name].full_name
+        handlers = method_handlers(short_name, servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name,
+                                                                              handlers),))
+        server.add_registered_method_handlers(full_name, handlers)

@@ -1,9 +1,12 @@
 """Process wiring: bind the grpc.aio server, load the base, start the engine, serve, shut down.
 
 Health reports NOT_SERVING from the moment the port is bound until the base is loaded, then
-SERVING for "" and every service; shutdown flips it back before `server.stop(grace)` so load
-balancers drain first. `start_in_thread` runs the same `serve` on a private loop for tests and
-benchmarks.
+SERVING for "" and every service. The port is plaintext or TLS (mutual TLS with a client CA);
+auth (server/auth.py) is installed when keys are configured. Shutdown (SIGTERM, SIGINT or `stop`)
+drains: health turns NOT_SERVING, the gate (server/drain.py) refuses new calls with UNAVAILABLE
+while running ones get up to the grace period, then the rest are cancelled, the engine stops and
+the session store is closed. `start_in_thread` runs the same `serve` on a private loop for tests
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,8 +29,10 @@ from grpc_reflection.v1alpha import reflection
 from common.modeling import LoadOptions, base_fingerprint, load_base, resolve_device
 from server.adapters import AdapterRegistry
 from server.api import SERVICE_NAMES, add_servicers
+from server.auth import AuthInterceptor, KeyRing
 from server.config import ServerConfig
 from server.context import PromptRenderer
+from server.drain import DrainGate
 from server.engine import Engine, EngineConfig
 from server.service import InferenceCore, Limits, Runtime
 
@@ -66,6 +72,8 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         max_batch=config.max_batch, max_queue=config.max_queue,
         max_loaded_adapters=config.max_loaded_adapters, max_lora_rank=config.max_lora_rank,
         default_max_new_tokens=config.default_max_new_tokens,
+        max_adapter_bytes=config.max_adapter_bytes,
+        adapter_memory_budget_bytes=config.adapter_memory_budget_bytes,
     )
 
 
@@ -132,16 +140,86 @@ async def _set_health(health: HealthServicer, status: int) -> None:
         await health.set(name, status)
 
 
-def _build_server(config: ServerConfig, runtime: Runtime,
-                  health: HealthServicer) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
+def _read_pem(path: Path, what: str) -> bytes:
+    """A PEM file's bytes, or a start-up error that names the file and what it was for."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror or e}") from e
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"the {what} {path} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    assert config.tls_cert is not None and config.tls_key is not None
+    pair = (_read_pem(config.tls_key, "TLS key (--tls-key)"),
+            _read_pem(config.tls_cert, "TLS certificate (--tls-cert)"))
+    client_ca = None if config.tls_client_ca is None else _read_pem(
+        config.tls_client_ca, "client CA (--tls-client-ca)")
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig,
+          credentials: grpc.ServerCredentials | None) -> int:
+    if credentials is None:
+        port = server.add_insecure_port(config.address)
+    else:
+        try:
+            port = server.add_secure_port(config.address, credentials)
+        except RuntimeError as e:  # grpc says only "failed to bind", also for a bad key pair
+            raise ValueError(f"cannot serve TLS on {config.address} with {config.tls_cert} and "
+                             f"{config.tls_key}: {e} (is the address free, and are they a "
+                             "matching certificate and key?)") from e
+    if port == 0:
+        raise OSError(f"cannot bind {config.address}")
+    return port
+
+
+def _security_summary(config: ServerConfig) -> str:
+    """What protects the port, for the start-up log; counts keys, never shows them."""
+    if not config.tls_enabled:
+        tls = "TLS off (plaintext)"
+    elif config.tls_client_ca is None:
+        tls = "TLS on"
+    else:
+        tls = "mutual TLS on (client certificates required)"
+    if not config.auth_enabled:
+        return f"{tls}, auth off (no keys configured)"
+    return (f"{tls}, auth on ({len(config.api_keys)} API keys, "
+            f"{len(config.admin_keys)} admin keys)")
+
+
+def _build_server(config: ServerConfig, runtime: Runtime, health: HealthServicer,
+                  gate: DrainGate) -> grpc.aio.Server:
+    # Auth runs first, so refused callers are neither counted by the gate nor told its state.
+    interceptors: list[grpc.aio.ServerInterceptor] = [gate]
+    if config.auth_enabled:
+        interceptors.insert(0, AuthInterceptor(KeyRing.of(config.api_keys, config.admin_keys)))
+    # grpc itself answers RESOURCE_EXHAUSTED for a request over the limit, before decoding it.
+    options = [("grpc.max_receive_message_length", config.max_request_bytes)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     add_servicers(server, runtime)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.address)
-    if port == 0:
-        raise OSError(f"cannot bind {config.address}")
+    return server
+
+
+async def _listen(config: ServerConfig, runtime: Runtime, health: HealthServicer,
+                  gate: DrainGate) -> tuple[grpc.aio.Server, int]:
+    """Build, bind and start the server. The PEM files are read before any grpc server exists,
+    and a server that cannot bind is stopped before the error leaves: a grpc.aio server left
+    unstopped crashes the interpreter when it is collected after its loop has closed."""
+    credentials = _server_credentials(config) if config.tls_enabled else None
+    server = _build_server(config, runtime, health, gate)
+    try:
+        port = _bind(server, config, credentials)
+    except BaseException:
+        await server.stop(None)
+        raise
+    await server.start()
     return server, port
 
 
@@ -152,11 +230,11 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     parts = _Components()
     runtime = Runtime(config)
     health = HealthServicer()
+    gate = DrainGate(exempt=frozenset({HEALTH_SERVICE}))
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server, port = _build_server(config, runtime, health)
-    await server.start()
-    log.info("listening on %s:%d (health NOT_SERVING until the base is loaded)",
-             config.host, port)
+    server, port = await _listen(config, runtime, health, gate)
+    log.info("listening on %s:%d (health NOT_SERVING until the base is loaded); %s",
+             config.host, port, _security_summary(config))
     try:
         metrics_port = _make_metrics(config, parts)
         started = time.monotonic()
@@ -170,7 +248,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         await stop.wait()
         janitor.cancel()
     finally:
-        await _shutdown(server, health, parts, config.shutdown_grace_seconds)
+        await _shutdown(server, health, gate, parts, config.shutdown_grace_seconds)
 
 
 async def _purge_sessions(store: Any) -> None:
@@ -185,11 +263,18 @@ async def _purge_sessions(store: Any) -> None:
         await asyncio.sleep(SESSION_PURGE_INTERVAL_S)
 
 
-async def _shutdown(server: grpc.aio.Server, health: HealthServicer, parts: _Components,
-                    grace: float) -> None:
-    log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight calls", grace)
+async def _shutdown(server: grpc.aio.Server, health: HealthServicer, gate: DrainGate,
+                    parts: _Components, grace: float) -> None:
+    gate.begin()
     await health.enter_graceful_shutdown()
-    await server.stop(grace)
+    log.info("shutting down: health NOT_SERVING, new calls refused, %d in flight get %.1fs",
+             gate.in_flight, grace)
+    if await gate.drained(grace):
+        log.info("every call in flight finished")
+    else:
+        log.warning("%d calls still running after the %.1fs grace; cancelling them",
+                    gate.in_flight, grace)
+    await server.stop(0)
     if parts.engine is not None:
         await asyncio.to_thread(parts.engine.shutdown)
     for close in reversed(parts.closers):

@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
         serve_forever(config)
     except KeyboardInterrupt:
         return 130
+    except ValueError as e:
+        # A setting that only fails once used (an unreadable PEM file): one line, no traceback.
+        logging.getLogger("server").debug("start failed", exc_info=True)
+        print(f"switchboard-server: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         logging.getLogger("server").exception("server failed: %s", e)
         return 1

@@ -68,15 +68,23 @@ class EngineConfig:
     max_lora_rank: int = 64
     default_max_new_tokens: int = 128
     max_prefill_tokens: int = 4096
+    # Largest adapter_model.safetensors read; larger ones are refused before reading.
+    max_adapter_bytes: int = 1024 * 1024 * 1024
+    # Bytes all loaded adapters may take together (their LoRA slot slices); 0 = no budget.
+    adapter_memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in (
             "max_batch", "max_queue", "max_loaded_adapters", "max_lora_rank",
-            "default_max_new_tokens", "max_prefill_tokens",
+            "default_max_new_tokens", "max_prefill_tokens", "max_adapter_bytes",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        budget = self.adapter_memory_budget_bytes
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(
+                f"adapter_memory_budget_bytes must be an integer >= 0 (0 = none), got {budget!r}")
 
 
 @dataclass(frozen=True)
@@ -308,7 +316,8 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         slots = self.config.max_loaded_adapters + 1  # slot 0 is the bare base
         self.stack = LoraStack(model, slots, self.config.max_lora_rank)
-        self.cache = AdapterCache(self.config.max_loaded_adapters)
+        self.cache = AdapterCache(self.config.max_loaded_adapters,
+                                  self.config.adapter_memory_budget_bytes)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 self.config.max_batch, self.config.max_queue, self.config.max_prefill_tokens
@@ -399,7 +408,8 @@ class Engine:
             return existing
         try:
             weights = read_adapter(
-                Path(path), self.stack.module_shapes, self.config.max_lora_rank
+                Path(path), self.stack.module_shapes, self.config.max_lora_rank,
+                max_bytes=self.config.max_adapter_bytes,
             )
             return self._call(lambda: self._install(key, weights, started))
         except Exception:
@@ -449,9 +459,11 @@ class Engine:
         existing = self.cache.get(key)
         if existing is not None:  # another caller loaded it while this one read the files
             return existing
-        slot, evicted = self.cache.reserve_slot()
+        # The slot's size is known before installing, so the budget can make room first.
+        memory = self.stack.slice_bytes(list(weights.modules))
+        slot, evicted = self.cache.reserve_slot(memory, key)
         for old in evicted:
-            log.info("evicted adapter %s from slot %d", old, slot)
+            log.info("evicted adapter %s to make room for %s", old, key)
             self._notify("on_adapter_evicted", old)
         try:
             memory = self.stack.install(slot, weights.modules)

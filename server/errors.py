@@ -39,7 +39,12 @@ class QueueFullError(ResourceExhaustedError):
 
 
 class AdapterCapacityError(ResourceExhaustedError):
-    """Every loaded adapter slot is pinned by live requests; nothing can be evicted."""
+    """An adapter cannot be loaded: every slot is pinned by live requests, or it does not fit
+    the adapter memory budget (larger than the whole budget, or the rest is pinned)."""
+
+
+class ConcurrencyLimitError(ResourceExhaustedError):
+    """Too many requests are running or waiting, in the whole server or on one adapter."""
 
 
 class ContextOverflowError(SwitchboardError):
@@ -52,6 +57,14 @@ class SessionBusyError(SwitchboardError):
 
 class AdapterLoadError(SwitchboardError):
     """An adapter's files are unreadable or malformed (FAILED_PRECONDITION at the edge)."""
+
+
+class AdapterTooLargeError(AdapterLoadError):
+    """The weights file is larger than max_adapter_bytes; refused before it is read.
+
+    FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: the size is a property of the adapter on disk,
+    not a momentary shortage, so retrying cannot help; the operator must raise the limit.
+    """
 
 
 class UnavailableError(SwitchboardError):

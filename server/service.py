@@ -5,12 +5,19 @@ and convert the answer back. Failures are raised as server/errors.py exceptions;
 turns them into status codes. The model is never touched on the event loop: generation goes
 through the engine's queue, and blocking calls (disk, load, unload, score, sessions) run in
 worker threads.
+
+Admission: every chat, stream and score holds a place in `Admission` from its arrival until its
+answer is complete, in total and per resolved adapter (the bare base counts as one adapter);
+past max_concurrent_requests or max_concurrent_per_adapter a request is refused at once with
+ConcurrencyLimitError instead of queueing, and its place is given back on every exit path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -28,6 +35,7 @@ from server.context import (
     prompt_budget,
 )
 from server.errors import (
+    ConcurrencyLimitError,
     ContextOverflowError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -164,6 +172,82 @@ def turn_of(session_id: str, stored: Session | None, new: list[Message]) -> Turn
     return Turn(session_id, history, new, cached)
 
 
+# ---------------------------------------------------------------- admission
+
+BASE_ADAPTER = "the bare base model"
+
+
+class Ticket:
+    """One request's places in `Admission`; `release()` is idempotent and also runs on exit."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._adapter: str | None = None
+        self._held = True
+
+    def bind(self, adapter: AdapterVersion | None) -> None:
+        """Also take a place on the request's resolved adapter (None = the bare base)."""
+        key = adapter.key if adapter is not None else BASE_ADAPTER
+        self._admission.take_adapter(key)
+        self._adapter = key
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission.give_back(self._adapter)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Admission:
+    """Counts the requests running or waiting, in total and per adapter; thread-safe."""
+
+    def __init__(self, max_total: int, max_per_adapter: int) -> None:
+        self.max_total = max_total
+        self.max_per_adapter = max_per_adapter
+        self._lock = threading.Lock()
+        self._total = 0
+        self._per_adapter: Counter[str] = Counter()
+
+    def admit(self) -> Ticket:
+        """A ticket holding one place in the total, or ConcurrencyLimitError when full."""
+        with self._lock:
+            if self._total >= self.max_total:
+                raise ConcurrencyLimitError(
+                    f"the server is at its limit of {self.max_total} concurrent requests "
+                    "(running or waiting; setting max_concurrent_requests, "
+                    "--max-concurrent-requests); retry shortly")
+            self._total += 1
+        return Ticket(self)
+
+    def take_adapter(self, key: str) -> None:
+        with self._lock:
+            if self._per_adapter[key] >= self.max_per_adapter:
+                who = key if key == BASE_ADAPTER else f"adapter {key}"
+                raise ConcurrencyLimitError(
+                    f"{who} is at its limit of {self.max_per_adapter} concurrent requests "
+                    "(running or waiting; setting max_concurrent_per_adapter, "
+                    "--max-concurrent-per-adapter); retry shortly or use another adapter")
+            self._per_adapter[key] += 1
+
+    def give_back(self, adapter: str | None) -> None:
+        with self._lock:
+            self._total -= 1
+            if adapter is not None:
+                self._per_adapter[adapter] -= 1
+                if not self._per_adapter[adapter]:
+                    del self._per_adapter[adapter]
+
+    def in_flight(self) -> tuple[int, dict[str, int]]:
+        """(total, {adapter: count}) right now."""
+        with self._lock:
+            return self._total, dict(self._per_adapter)
+
+
 # ---------------------------------------------------------------- the inference core
 
 @dataclass
@@ -186,6 +270,11 @@ class InferenceCore:
     sessions: Any = None
     session_locks: SessionLocks = field(default_factory=SessionLocks)
     _loading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config.max_concurrent_requests,
+                                   self.config.max_concurrent_per_adapter)
 
     def resolve(self, ref: str) -> AdapterVersion | None:
         """Blocking resolve (may rescan the disk); for worker threads."""
@@ -230,16 +319,31 @@ class InferenceCore:
         raise AssertionError("unreachable")
 
     def budget(self, max_new_tokens: int) -> int:
-        return prompt_budget(self.limits.context_length, max_new_tokens)
+        """Prompt tokens allowed: the window minus the answer, capped by max_prompt_tokens."""
+        budget = prompt_budget(self.limits.context_length, max_new_tokens)
+        cap = self.config.max_prompt_tokens
+        return min(budget, cap) if cap else budget
+
+    def _capped(self, error: ContextOverflowError, budget: int) -> ContextOverflowError:
+        """The overflow error, naming max_prompt_tokens when that (not the window) set it."""
+        cap = self.config.max_prompt_tokens
+        if not cap or budget != cap:
+            return error
+        return ContextOverflowError(
+            f"{error}. Here the budget is this server's prompt limit max_prompt_tokens={cap} "
+            "(setting --max-prompt-tokens), not the context window")
 
     async def fit(self, messages: list[Message], max_new_tokens: int, strategy: str,
                   cached_summary: SummaryCache | None = None) -> tuple[FitResult, int]:
         """Fit the conversation into the prompt budget (in a worker thread: it tokenizes, and
         the summarize strategy waits on the engine)."""
         budget = self.budget(max_new_tokens)
-        fit = await asyncio.to_thread(
-            fit_conversation, messages, self.renderer, budget, strategy,
-            self.summarize if strategy == "summarize" else None, cached_summary)
+        try:
+            fit = await asyncio.to_thread(
+                fit_conversation, messages, self.renderer, budget, strategy,
+                self.summarize if strategy == "summarize" else None, cached_summary)
+        except ContextOverflowError as e:
+            raise self._capped(e, budget) from e
         if fit.applied:
             self.metric("observe_truncation", fit.strategy, fit.messages_dropped,
                         fit.tokens_dropped)
@@ -317,26 +421,40 @@ def adapter_label(adapter: AdapterVersion | None) -> str | None:
 
 # ---------------------------------------------------------------- score and chat
 
+def _check_score_length(core: InferenceCore, prompt: int, target: int) -> None:
+    cap = core.config.max_prompt_tokens
+    if cap and prompt > cap:
+        raise ContextOverflowError(
+            f"the prompt to score is {prompt} tokens; this server allows at most {cap} prompt "
+            "tokens (setting max_prompt_tokens, --max-prompt-tokens)")
+    if prompt + target > core.limits.context_length:
+        raise ContextOverflowError(
+            f"prompt ({prompt} tokens) plus continuation ({target}) is {prompt + target} "
+            f"tokens; the context length is {core.limits.context_length}")
+
+
 async def score(core: InferenceCore, messages: list[Message], continuation: str,
                 ref: str) -> ScoreOutcome:
     """Log-likelihood of `continuation` as the assistant's answer after `messages`."""
     check_conversation(messages)
     if not continuation:
         raise InvalidArgumentError("continuation is empty: give the assistant text to score")
-    adapter = await core.resolve_async(ref)
-    prompt_ids = await asyncio.to_thread(core.renderer.render, messages)
-    target_ids = list(core.renderer.encode([continuation])["input_ids"][0])
-    total = len(prompt_ids) + len(target_ids)
-    if total > core.limits.context_length:
-        raise ContextOverflowError(
-            f"prompt ({len(prompt_ids)} tokens) plus continuation ({len(target_ids)}) is "
-            f"{total} tokens; the context length is {core.limits.context_length}")
-    key = adapter.key if adapter else None
+    with core.admission.admit() as ticket:
+        adapter = await core.resolve_async(ref)
+        ticket.bind(adapter)
 
-    async def run() -> Any:
-        return await asyncio.to_thread(core.engine.score, prompt_ids, target_ids, key)
+        def tokenize() -> tuple[list[int], list[int]]:
+            return (core.renderer.render(messages),
+                    list(core.renderer.encode([continuation])["input_ids"][0]))
 
-    scored = await core.with_adapter(adapter, run)
+        prompt_ids, target_ids = await asyncio.to_thread(tokenize)
+        _check_score_length(core, len(prompt_ids), len(target_ids))
+        key = adapter.key if adapter else None
+
+        async def run() -> Any:
+            return await asyncio.to_thread(core.engine.score, prompt_ids, target_ids, key)
+
+        scored = await core.with_adapter(adapter, run)
     return ScoreOutcome(scored.log_likelihood, scored.token_count, len(prompt_ids), adapter, ref)
 
 
@@ -368,15 +486,21 @@ class ChatCall:
         started = time.monotonic()
         label = UNRESOLVED_LABEL if self.chat.adapter else None
         try:
-            adapter = await self.core.resolve_async(self.chat.adapter)
-            label = adapter_label(adapter)
-            async with self.core.session(self.chat.session_id, self.chat.messages) as turn:
-                async for item in self._generate(adapter, turn):
-                    if isinstance(item, ChatResult) and turn.session_id \
-                            and item.finish_reason != "cancelled":
-                        # Stored before the client sees the answer, so its next turn finds it.
-                        await self.core.remember(turn, item.text, self._summary_cache)
-                    yield item
+            with self.core.admission.admit() as ticket:
+                adapter = await self.core.resolve_async(self.chat.adapter)
+                label = adapter_label(adapter)
+                ticket.bind(adapter)
+                async with self.core.session(self.chat.session_id, self.chat.messages) as turn:
+                    async for item in self._generate(adapter, turn):
+                        if isinstance(item, ChatResult):
+                            if turn.session_id and item.finish_reason != "cancelled":
+                                # Stored before the client sees the answer, so its next turn
+                                # finds it.
+                                await self.core.remember(turn, item.text, self._summary_cache)
+                            # Complete: a client that sends its next request on reading this
+                            # answer must find the place free.
+                            ticket.release()
+                        yield item
         except BaseException as e:
             gone = isinstance(e, asyncio.CancelledError | GeneratorExit)
             code = "CANCELLED" if gone else self.code_of(e)

@@ -109,9 +109,10 @@ class BestAdapterEarlyStopping(TrainerCallback):
             self.stopped_early = True
             control.should_training_stop = True
 
-    def restore_best(self, model: Any) -> bool:
-        """Load the best weights back into `model`; True when they differed from the last."""
-        if self.best_state is None:
+    def restore_best(self, model: Any, step: int) -> bool:
+        """Load the best weights back into `model`, now at `step`; True when they were restored
+        (False when the best evaluation measured the weights of `step` themselves)."""
+        if self.best_state is None or self.best_step == step:
             return False
         import torch
 

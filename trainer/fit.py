@@ -110,10 +110,15 @@ def load_split(config: FitConfig) -> DataSplit:
 
     train = [{"messages": c.to_openai()} for c in load_conversations(config.data)]
     files = {"train": _file_record(config.data, len(train))}
+    held_out = ""
     if config.validation:
         validation = [{"messages": c.to_openai()} for c in load_conversations(config.validation)]
         files["validation"] = _file_record(config.validation, len(validation))
+        if not validation:
+            # Training on silently without evaluation would also switch early stopping off.
+            raise ValueError(f"{config.validation}: no validation conversations")
     elif config.val_split > 0:
+        held_out = f" after holding out val_split {config.val_split} for validation"
         order = list(range(len(train)))
         random.Random(config.seed).shuffle(order)
         cut = max(1, round(len(train) * config.val_split))
@@ -123,7 +128,7 @@ def load_split(config: FitConfig) -> DataSplit:
     else:
         validation = []
     if not train:
-        raise ValueError(f"{config.data}: no training conversations left")
+        raise ValueError(f"{config.data}: no training conversations left{held_out}")
     return DataSplit(train, validation, files)
 
 
@@ -169,8 +174,12 @@ def load_model(config: FitConfig, root: Path) -> tuple[Any, Any, dict[str, Any] 
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from common.modeling import LoadOptions, base_fingerprint, disable_cpu_repacking, load_base
+    from trainer.attention import use_varlen_attention
 
     model, tokenizer = load_base(config.base, LoadOptions(config.device, config.quantize))
+    if (config.padding_free or config.packing) and use_varlen_attention(model):
+        print("attention: sdpa_varlen (one SDPA call per conversation of a padding-free row)",
+              flush=True)
     if config.quantize == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
@@ -385,7 +394,8 @@ def fit(config: FitConfig, resume_dir: Path | None = None,
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.monotonic() - train_started
     curves = loss_curves(trainer.state.log_history)
-    restored = bool(config.early_stopping_patience) and best.restore_best(trainer.model)
+    restored = bool(config.early_stopping_patience) and best.restore_best(
+        trainer.model, trainer.state.global_step)
     if restored:
         print(f"restored the best weights (step {best.best_step})", flush=True)
     metrics = final_metrics(trainer, best, curves, train_seconds, restored)

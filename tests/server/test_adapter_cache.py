@@ -1,4 +1,5 @@
-"""Reading PEFT adapters (validation with precise errors) and the LRU of slots with pins."""
+"""Reading PEFT adapters (validation with precise errors, size limit) and the LRU of slots with
+pins and a memory budget."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from common.modeling import load_base
 from server.adapter_cache import AdapterCache, AdapterNotLoadedError, read_adapter
-from server.errors import AdapterCapacityError, AdapterInUseError, AdapterLoadError
+from server.errors import (
+    AdapterCapacityError,
+    AdapterInUseError,
+    AdapterLoadError,
+    AdapterTooLargeError,
+)
 from server.lora import LoraStack
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -120,3 +127,110 @@ def test_pins_block_removal_and_unknown_keys_list_what_is_loaded():
     with pytest.raises(AdapterNotLoadedError, match=r"'a@1' is not loaded \(loaded: none\)"):
         cache.pin("a@1")
     assert sorted(cache.reserve_slot()[0] for _ in range(3)) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- damaged and oversized files
+
+def _truncate(path: Path) -> None:
+    file = path / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _garbage_header(path: Path) -> None:
+    """A header length far beyond the file, then bytes that are not JSON."""
+    file = path / "adapter_model.safetensors"
+    file.write_bytes((10**12).to_bytes(8, "little") + b"\x00not a header" * 10)
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    (_truncate, "adapter_model.safetensors is unreadable"),
+    (_garbage_header, "adapter_model.safetensors is unreadable"),
+    (lambda p: _edit_tensors(p, lambda t: t[Q0_A].__setitem__((0, 0), float("nan"))),
+     f"'{Q0}' lora_A holds NaN or infinite values"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({Q0_A: t[Q0_A].to(dtype=torch.int32)})),
+     f"'{Q0}' lora_A has dtype torch.int32"),
+    (lambda p: (p / "adapter_config.json").write_text(" " * (2 * 1024 * 1024) + "{}"),
+     "adapter_config.json is 2097154 bytes; at most 1048576 are read"),
+])
+def test_damaged_files_fail_with_a_precise_message(alpha, shapes, breakage, message):
+    breakage(alpha)
+    with pytest.raises(AdapterLoadError, match=message):
+        read_adapter(alpha, shapes, max_rank=64)
+
+
+def test_a_weights_file_over_the_size_limit_is_refused_before_reading(alpha, shapes):
+    size = (alpha / "adapter_model.safetensors").stat().st_size
+    assert read_adapter(alpha, shapes, max_rank=64, max_bytes=size).rank == 8
+    # Garbage of the same size: had the file been read, this would say "unreadable".
+    (alpha / "adapter_model.safetensors").write_bytes(b"\xff" * (size + 1))
+    with pytest.raises(AdapterTooLargeError) as refused:
+        read_adapter(alpha, shapes, max_rank=64, max_bytes=size)
+    message = str(refused.value)
+    assert f"is {size + 1} bytes, over this server's limit of {size} bytes" in message
+    assert "max_adapter_bytes" in message and "not read" in message
+    assert isinstance(refused.value, AdapterLoadError)  # FAILED_PRECONDITION at the edge
+
+
+# ---------------------------------------------------------------- the memory budget
+
+def _filled(cache: AdapterCache, sizes: dict[str, int]) -> AdapterCache:
+    for key, size in sizes.items():
+        slot, evicted = cache.reserve_slot(size, key)
+        assert evicted == []
+        cache.add(key, slot, rank=8, memory_bytes=size, load_seconds=0.1)
+    return cache
+
+
+def test_budget_evicts_least_recently_used_until_the_new_adapter_fits():
+    cache = _filled(AdapterCache(capacity=8, memory_budget=300),
+                    {"a@1": 100, "b@1": 100, "c@1": 100})
+    cache.pin("a@1")
+    cache.unpin("a@1")  # a is now the most recently used: b and c go first
+    slot, evicted = cache.reserve_slot(150, "d@1")
+    assert evicted == ["b@1", "c@1"]  # one would not have been enough: 100 + 100 + 150 > 300
+    cache.add("d@1", slot, rank=8, memory_bytes=150, load_seconds=0.1)
+    assert set(cache.info()) == {"a@1", "d@1"} and cache.memory_used() == 250
+    assert cache.reserve_slot(50, "e@1")[1] == []  # fits beside them: nothing evicted
+
+
+def test_an_adapter_larger_than_the_whole_budget_is_refused_and_nothing_is_evicted():
+    cache = _filled(AdapterCache(capacity=8, memory_budget=300), {"a@1": 100})
+    with pytest.raises(AdapterCapacityError) as refused:
+        cache.reserve_slot(301, "big@1")
+    message = str(refused.value)
+    assert "big@1 needs 301 bytes" in message and "whole budget of 300 bytes" in message
+    assert "adapter_memory_budget_bytes" in message
+    assert set(cache.info()) == {"a@1"}
+
+
+def test_budget_held_by_pinned_adapters_is_refused_and_nothing_is_evicted():
+    cache = _filled(AdapterCache(capacity=8, memory_budget=300),
+                    {"a@1": 100, "b@1": 100, "c@1": 100})
+    cache.pin("a@1")
+    cache.pin("b@1")
+    with pytest.raises(AdapterCapacityError) as refused:
+        cache.reserve_slot(150, "d@1")
+    message = str(refused.value)
+    assert "d@1 needs 150 bytes" in message and "only 100 of the 300-byte budget" in message
+    assert "a@1, b@1" in message and "adapter_memory_budget_bytes" in message
+    assert set(cache.info()) == {"a@1", "b@1", "c@1"}  # c was not evicted for nothing
+    cache.unpin("b@1")
+    assert cache.reserve_slot(150, "d@1")[1] == ["c@1", "b@1"]  # b was pinned (used) after c
+
+
+def test_a_load_in_progress_counts_against_the_budget_until_added_or_released():
+    cache = AdapterCache(capacity=8, memory_budget=300)
+    slot, _ = cache.reserve_slot(200, "a@1")
+    assert cache.memory_used() == 200
+    with pytest.raises(AdapterCapacityError, match="only 100 of the 300-byte budget"):
+        cache.reserve_slot(200, "b@1")
+    cache.release_slot(slot)  # the load failed
+    assert cache.memory_used() == 0
+    slot, _ = cache.reserve_slot(200, "b@1")
+    cache.add("b@1", slot, rank=8, memory_bytes=200, load_seconds=0.1)
+    assert cache.memory_used() == 200
+
+
+def test_without_a_budget_only_the_slots_limit():
+    cache = _filled(AdapterCache(capacity=2), {"a@1": 10**12, "b@1": 10**12})
+    assert cache.reserve_slot(10**12, "c@1")[1] == ["a@1"]

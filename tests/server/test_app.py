@@ -139,6 +139,52 @@ def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
     assert config.metrics_port == 9100 and config.adapters_root == tmp_path
 
 
+API_KEY = "k-api-0123456789abcdef"
+ADMIN_KEY = "k-admin-0123456789abcdef"
+
+
+def test_keys_come_from_files_and_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "api.keys").write_text(f"# app keys\n{API_KEY}\n\n  k-api-second-key-0000  # ci\n")
+    (tmp_path / "admin.keys").write_text(ADMIN_KEY + "\n")
+    args = build_parser().parse_args([
+        "serve", "--base", "tiny", "--adapters-root", str(tmp_path),
+        "--api-keys-file", str(tmp_path / "api.keys"),
+        "--admin-keys-file", str(tmp_path / "admin.keys")])
+    config = config_from_args(args, {"SWITCHBOARD_API_KEYS": "k-api-from-env-00000, " + API_KEY})
+    assert config.api_keys == (API_KEY, "k-api-second-key-0000", "k-api-from-env-00000")
+    assert config.admin_keys == (ADMIN_KEY,) and config.auth_enabled
+    assert API_KEY not in repr(config) and ADMIN_KEY not in repr(config)
+
+
+def test_no_keys_means_no_authentication(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--base", "tiny", "--adapters-root", str(tmp_path)])
+    assert not config_from_args(args, {}).auth_enabled
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"api_keys": ("short",)}, "at least 16 characters"),
+    ({"api_keys": ("has a space in the key",)}, "no spaces"),
+    ({"api_keys": (API_KEY,), "admin_keys": (API_KEY,)}, "one kind"),
+    ({"tls_cert": "server.pem"}, "together"),
+    ({"tls_client_ca": "ca.pem"}, "mutual TLS needs TLS"),
+    ({"max_messages": 0}, "max_messages"),
+    ({"max_prompt_tokens": -1}, "max_prompt_tokens"),
+    ({"max_concurrent_requests": 4, "max_concurrent_per_adapter": 8}, "max_concurrent_per"),
+])
+def test_security_and_limit_settings_are_checked(tmp_path: Path, kwargs: dict,
+                                                 phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase) as info:
+        ServerConfig(base="tiny", adapters_root=tmp_path, **kwargs)
+    assert "short" not in str(info.value) and API_KEY not in str(info.value)
+
+
+def test_an_unreadable_keys_file_is_a_usage_error(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--base", "tiny", "--adapters-root", str(tmp_path),
+                                      "--api-keys-file", str(tmp_path / "missing.keys")])
+    with pytest.raises(ValueError, match="missing.keys"):
+        config_from_args(args, {})
+
+
 def test_cli_serves_logs_where_and_stops_on_sigterm(tiny_base: Path, adapters_root: Path,
                                                     tmp_path: Path) -> None:
     import re

@@ -1,5 +1,6 @@
 """The engine end to end on the real tiny 4-bit base: batching invariance, PEFT parity, joins,
-cancellation, deadlines, queue limits, adapter pins and eviction, scoring, observer hooks."""
+cancellation, deadlines, queue limits, adapter pins and eviction, the adapter size limit and
+memory budget, scoring, observer hooks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from server.engine import Engine, EngineConfig, GenerationRequest
 from server.errors import (
     AdapterCapacityError,
     AdapterInUseError,
+    AdapterTooLargeError,
     InvalidArgumentError,
     QueueFullError,
     UnavailableError,
@@ -243,3 +245,22 @@ def test_eviction_never_evicts_pinned_adapters(tiny_base, adapters_root):
         engine.unload_adapter("alpha@1")
     engine.shutdown()
     assert all(info.in_flight == 0 for info in engine.loaded_adapters().values())
+
+
+def test_oversized_weights_are_refused_and_the_memory_budget_evicts(tiny_base, adapters_root):
+    beta_bytes = (_adapter_dir(adapters_root, "beta@1") / "adapter_model.safetensors").stat()
+    sized = _new_engine(tiny_base, adapters_root, ["beta@1"], max_adapter_bytes=beta_bytes.st_size)
+    with pytest.raises(AdapterTooLargeError, match="max_adapter_bytes"):
+        sized.load_adapter("alpha@1", _adapter_dir(adapters_root, "alpha@1"))  # rank 8: larger
+    assert sized.observer.named("on_adapter_load_failed") == [("alpha@1",)]
+    one = sized.loaded_adapters()["beta@1"].memory_bytes  # every all-linear adapter's slot size
+    sized.shutdown()
+    engine = _new_engine(tiny_base, adapters_root, ["alpha@1", "beta@1"],
+                         adapter_memory_budget_bytes=one)
+    assert set(engine.loaded_adapters()) == {"beta@1"}  # room for one: alpha@1 was evicted
+    assert engine.observer.named("on_adapter_evicted") == [("alpha@1",)]
+    engine.submit(_request("pin", [5, 6, 7], "beta@1", 4))  # waits (engine not started): pinned
+    with pytest.raises(AdapterCapacityError, match="adapter_memory_budget_bytes"):
+        engine.load_adapter("alpha@2", _adapter_dir(adapters_root, "alpha@2"))
+    assert set(engine.loaded_adapters()) == {"beta@1"}
+    engine.shutdown()

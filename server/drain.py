@@ -1,0 +1,102 @@
+"""The shutdown gate: counts calls in flight and, once draining, refuses new ones.
+
+Draining refuses calls at the door instead of closing the port, so health checks keep answering
+(NOT_SERVING) while the calls already running finish. A call counts from the moment its handler
+starts until grpc has sent its status (the context's done callback), so "no calls in flight"
+means every client has its answer, not just that the handlers returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server.api import status_for
+from server.auth import service_of, with_behaviour
+from server.errors import UnavailableError
+
+SHUTTING_DOWN = "server is shutting down; retry on another replica"
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Interceptor for every service but `exempt` (health): admits or refuses, and counts."""
+
+    def __init__(self, exempt: frozenset[str]) -> None:
+        self.exempt = exempt
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        """From now on new calls get UNAVAILABLE; running ones go on."""
+        self.draining = True
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False when `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> bool:
+        # Checked when the handler starts, with no await between the check and the count, so a
+        # call is either counted before draining began or refused: none slips through uncounted.
+        if self.draining:
+            return False
+        self.in_flight += 1
+        self._idle.clear()
+        context.add_done_callback(self._release)
+        return True
+
+    def _release(self, _context: grpc.aio.ServicerContext) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or service_of(details.method) in self.exempt:
+            return handler
+        shape = (bool(handler.request_streaming), bool(handler.response_streaming))
+        behaviour = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+                     (True, False): handler.stream_unary, (True, True): handler.stream_stream}
+        gated = _gated(behaviour[shape], self._admit)
+        return handler if gated is None else with_behaviour(handler, gated)
+
+
+async def _refuse(context: grpc.aio.ServicerContext) -> None:
+    error = UnavailableError(SHUTTING_DOWN)
+    await context.abort(status_for(error), str(error))
+
+
+def _gated(behaviour: Any, admit: Callable[[grpc.aio.ServicerContext], bool]) -> Any:
+    """`behaviour` behind the gate, keeping its kind (grpc.aio dispatches on it). Returns None
+    for synchronous behaviours, which this server does not register."""
+    if inspect.isasyncgenfunction(behaviour):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not admit(context):
+                await _refuse(context)
+            async for item in behaviour(request, context):
+                yield item
+
+        return stream
+    if inspect.iscoroutinefunction(behaviour):
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not admit(context):
+                await _refuse(context)
+            return await behaviour(request, context)
+
+        return call
+    return None
+
+
+__all__ = ["SHUTTING_DOWN", "DrainGate"]
