@@ -177,6 +177,17 @@ def _bind(server: grpc.aio.Server, config: ServerConfig,
     return port
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _security_summary(config: ServerConfig) -> str:
     """What protects the port, for the start-up log; counts keys, never shows them."""
     if not config.tls_enabled:
@@ -235,6 +246,10 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     server, port = await _listen(config, runtime, health, gate)
     log.info("listening on %s:%d (health NOT_SERVING until the base is loaded); %s",
              config.host, port, _security_summary(config))
+    if not config.auth_enabled and not _is_loopback(config.host):
+        log.warning("no API keys configured and %s is not a loopback address: anyone who can "
+                    "reach port %d may chat, load adapters and read sessions "
+                    "(see --api-keys-file / --admin-keys-file)", config.host, port)
     try:
         metrics_port = _make_metrics(config, parts)
         started = time.monotonic()

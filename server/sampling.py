@@ -98,10 +98,14 @@ class RowSampler:
 
     def choose(self, logits: torch.Tensor) -> int:
         """Pick the next token from one row's logits (V,)."""
-        logits = self._penalized(logits.float())
+        # float64: dividing by a temperature or penalty as small as a float32 allows
+        # (1e-45) must stay finite, or softmax yields NaN and the row would fail.
+        logits = self._penalized(logits.double())
         if self.params.greedy:
             return int(torch.argmax(logits))
         probs = _filtered_probs(logits / self.params.temperature, self.params)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            return int(torch.argmax(logits))  # a degenerate distribution: its mode
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
