@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cut each conversation after a random number of turns (seed 0)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every variant this many times, interleaved; keep the fastest")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which to run (plain_sft, the baseline, always runs)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.batch_size} are {data['padding_share']:.0%} padding", flush=True)
         results: dict[str, dict[str, Any]] = {}
         for _ in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in dict.fromkeys(["plain_sft", *args.variants]):
                 run = run_variant(args, variant)
                 if variant not in results or run["tokens_per_s"] > results[variant]["tokens_per_s"]:
                     results[variant] = run

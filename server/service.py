@@ -35,11 +35,13 @@ from server.context import (
     prompt_budget,
 )
 from server.errors import (
+    AdapterLoadError,
     ConcurrencyLimitError,
     ContextOverflowError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    SessionStoreError,
     UnavailableError,
 )
 from server.logging_setup import NO_REQUEST, current_request_id, new_request_id
@@ -297,6 +299,14 @@ class InferenceCore:
         self._loading[adapter.key] = task
         try:
             return await asyncio.shield(task)
+        except AdapterLoadError:
+            if adapter.path.is_dir():
+                raise
+            # Deleted since the last scan: rescan, so the caller hears NOT_FOUND listing what
+            # exists instead of a server path that is gone.
+            await asyncio.to_thread(self.registry.scan)
+            await asyncio.to_thread(self.registry.resolve, adapter.key)
+            raise
         finally:
             if task.done():
                 self._loading.pop(adapter.key, None)
@@ -396,13 +406,21 @@ class InferenceCore:
     async def remember(self, turn: Turn, answer: str, cache: SummaryCache | None) -> None:
         """Blocking store calls in a worker thread: append the turn, then the summary cache."""
 
-        def write() -> int:
-            self.sessions.append_turn(turn.session_id, [*turn.new, Message("assistant", answer)])
-            if cache is not None and cache != turn.cached_summary:
-                self.sessions.set_summary(turn.session_id, cache.to_dict())
-            return self.sessions.count()
+        def write() -> int | None:
+            # The summary cache goes into the turn's own transaction: a failure after the turn
+            # was stored would answer UNAVAILABLE, and a retrying client would store it twice.
+            summary = (cache.to_dict() if cache is not None and cache != turn.cached_summary
+                       else None)
+            self.sessions.append_turn(turn.session_id, [*turn.new, Message("assistant", answer)],
+                                      summary)
+            try:
+                return self.sessions.count()
+            except SessionStoreError:
+                return None  # the turn is stored; only the gauge misses this update
 
-        self.metric("set_sessions", await asyncio.to_thread(write))
+        count = await asyncio.to_thread(write)
+        if count is not None:
+            self.metric("set_sessions", count)
 
     def metric(self, name: str, *args: Any) -> None:
         if self.metrics is not None:

@@ -12,6 +12,12 @@ behind a lock serves all threads (the gRPC front calls it through `asyncio.to_th
 serializes writers anyway and a turn is a few small rows. The schema is versioned with
 `PRAGMA user_version`; a file from a newer Switchboard is refused rather than misread.
 
+Storage failures (disk full, I/O error, the file locked by another process past the busy
+timeout) raise `SessionStoreError` (UNAVAILABLE at the edge) saying what was not stored; the
+transaction is rolled back, so the session stays as it was, and the server keeps serving
+stateless calls. Errors that mean a bug in this module (IntegrityError, ProgrammingError)
+propagate unchanged. A database that cannot be opened fails startup naming the path.
+
 Several replicas need a shared store instead (PostgreSQL or Redis) behind the same protocol; a
 replica-wide lock then replaces `SessionLocks` (see the README's Sessions section).
 """
@@ -21,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import math
 import re
 import sqlite3
 import threading
@@ -31,10 +39,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.conversation import Message
-from server.errors import FailedPreconditionError, InvalidArgumentError, SessionBusyError
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SessionBusyError,
+    SessionStoreError,
+)
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+# How long a write waits for another process's lock on the file before it fails. One server owns
+# its file, so this only matters when something else (a backup, the sqlite3 shell) holds it; a
+# request should fail with a clear status rather than hang.
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+# sqlite3 errors that mean our own code is wrong, not that storage failed: they stay unwrapped.
+_BUG_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
 
 _SCHEMA_V1 = (
     """CREATE TABLE sessions (
@@ -124,34 +145,54 @@ class SessionStore(Protocol):
 class SessionSettings:
     ttl_seconds: float = 0.0  # 0 = sessions never expire
     max_sessions: int = 0  # 0 = no cap; past it the least recently updated session is removed
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S  # wait for another process's lock, then fail
 
     def __post_init__(self) -> None:
         if self.ttl_seconds < 0:
             raise ValueError(f"ttl_seconds must be >= 0 (0 = no expiry), got {self.ttl_seconds}")
         if self.max_sessions < 0:
             raise ValueError(f"max_sessions must be >= 0 (0 = no cap), got {self.max_sessions}")
+        if not (math.isfinite(self.busy_timeout_s) and self.busy_timeout_s >= 0):
+            raise ValueError(f"busy_timeout_s must be a finite number of seconds >= 0, got "
+                             f"{self.busy_timeout_s}")
 
 
 class SQLiteSessionStore:
     """`SessionStore` in one SQLite file (WAL, synchronous=FULL), shared by threads via a lock."""
 
     def __init__(self, path: str | Path, ttl_seconds: float = 0.0, max_sessions: int = 0, *,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.settings = SessionSettings(ttl_seconds, max_sessions)
+                 clock: Callable[[], float] = time.time,
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self.settings = SessionSettings(ttl_seconds, max_sessions, busy_timeout_s)
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
-        # holds the write lock from its start and a turn commits as one unit.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=10.0)
+        self._db = self._connect()
         try:
             self._configure()
             self._migrate()
+        except FailedPreconditionError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise FailedPreconditionError(f"cannot open session database {self.path}: {e}") from e
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the file (creating missing parent directories), or FailedPreconditionError
+        naming the path and why it is unusable."""
+        try:
+            if self.path.is_dir():
+                raise IsADirectoryError(f"{self.path} is a directory, not a database file")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write transaction
+            # holds the write lock from its start and a turn commits as one unit.
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.settings.busy_timeout_s)
+        except (OSError, sqlite3.Error) as e:
+            raise FailedPreconditionError(
+                f"cannot open session database {self.path}: {e}; give --sessions-db a file path "
+                f"in a writable directory") from e
 
     def _configure(self) -> None:
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -175,15 +216,48 @@ class SQLiteSessionStore:
     @contextlib.contextmanager
     def _transaction(self, write: bool = True) -> Any:
         """One transaction under the lock: IMMEDIATE takes the write lock up front, a read gets
-        a consistent snapshot across its statements."""
+        a consistent snapshot across its statements. Any failure, COMMIT's included, rolls back."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        # After some failures (disk full, I/O error) SQLite has already rolled back itself.
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _writing(self, not_done: str) -> Any:
+        """A write transaction whose storage failure becomes SessionStoreError; `not_done` tells
+        the caller what did not happen."""
+        try:
+            with self._transaction() as db:
+                yield db
+        except _BUG_ERRORS:
+            raise
+        except sqlite3.Error as e:
+            raise self._failure("written", e, not_done) from e
+
+    @contextlib.contextmanager
+    def _reading(self) -> Any:
+        try:
+            with self._transaction(write=False) as db:
+                yield db
+        except _BUG_ERRORS:
+            raise
+        except sqlite3.Error as e:
+            raise self._failure("read", e, "no session data was returned or changed") from e
+
+    def _failure(self, verb: str, error: sqlite3.Error, not_done: str) -> SessionStoreError:
+        # The path goes to the server log only: the message reaches API clients.
+        log.error("session store %s could not be %s: %s", self.path, verb, error)
+        return SessionStoreError(f"the session store could not be {verb} ({error}); {not_done}")
 
     def _cutoff(self, now: float) -> float:
         """Sessions updated before this instant have expired (-inf when nothing expires)."""
@@ -199,7 +273,7 @@ class SQLiteSessionStore:
         return SessionInfo(*row) if row else None
 
     def get(self, session_id: str) -> Session | None:
-        with self._transaction(write=False) as db:
+        with self._reading() as db:
             row = db.execute(
                 "SELECT created, updated, turns, summary FROM sessions WHERE id = ? "
                 "AND updated >= ?", (session_id, self._cutoff(self._clock()))).fetchone()
@@ -213,7 +287,7 @@ class SQLiteSessionStore:
 
     def ensure(self, session_id: str) -> SessionInfo:
         validate_session_id(session_id)
-        with self._transaction() as db:
+        with self._writing(f"session {session_id!r} was not created") as db:
             self._create_or_revive(db, session_id, self._clock())
             info = self._info(db, session_id)
         assert info is not None
@@ -243,7 +317,9 @@ class SQLiteSessionStore:
         validate_session_id(session_id)
         if not new_messages:
             raise InvalidArgumentError("a turn needs at least one message")
-        with self._transaction() as db:
+        not_done = (f"the answer was not stored: session {session_id!r} keeps its earlier turns "
+                    "without this one; send the turn again later")
+        with self._writing(not_done) as db:
             now = self._clock()
             self._create_or_revive(db, session_id, now)
             seq, turn = db.execute(
@@ -264,7 +340,7 @@ class SQLiteSessionStore:
 
     def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool:
         """Store the summarize strategy's cache; does not count as activity (no `updated` bump)."""
-        with self._transaction() as db:
+        with self._writing(f"the summary of session {session_id!r} was not stored") as db:
             return db.execute("UPDATE sessions SET summary = ? WHERE id = ? AND updated >= ?",
                               (json.dumps(summary_cache), session_id,
                                self._cutoff(self._clock()))).rowcount == 1
@@ -272,7 +348,7 @@ class SQLiteSessionStore:
     def list(self, limit: int = 100) -> list[SessionInfo]:
         if limit <= 0:
             raise InvalidArgumentError(f"limit must be positive, got {limit}")
-        with self._transaction(write=False) as db:
+        with self._reading() as db:
             rows = db.execute(
                 "SELECT s.id, s.created, s.updated, s.turns, "
                 "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) "
@@ -281,11 +357,11 @@ class SQLiteSessionStore:
         return [SessionInfo(*row) for row in rows]
 
     def delete(self, session_id: str) -> bool:
-        with self._transaction() as db:
+        with self._writing(f"session {session_id!r} was not deleted") as db:
             return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 1
 
     def count(self) -> int:
-        with self._transaction(write=False) as db:
+        with self._reading() as db:
             return db.execute("SELECT COUNT(*) FROM sessions WHERE updated >= ?",
                               (self._cutoff(self._clock()),)).fetchone()[0]
 
@@ -293,7 +369,7 @@ class SQLiteSessionStore:
         if not self.settings.ttl_seconds:
             return 0
         cutoff = self._cutoff(self._clock() if now is None else now)
-        with self._transaction() as db:
+        with self._writing("no expired session was deleted") as db:
             return db.execute("DELETE FROM sessions WHERE updated < ?", (cutoff,)).rowcount
 
     def close(self) -> None:

@@ -136,3 +136,34 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
                                                     other.subject)
     return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key, stranger_cert,
                     stranger_key)
+
+
+# Stubs over a test module's own `server` fixture (each module starts the server it needs).
+
+@pytest.fixture(scope="module")
+def channel(server):
+    import grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def infer(channel):
+    from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+    return pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def admin(channel):
+    from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+    return pb_grpc.AdapterServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def sessions(channel):
+    from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+    return pb_grpc.SessionServiceStub(channel)

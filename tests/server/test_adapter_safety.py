@@ -214,22 +214,6 @@ def server(tiny_base: Path, safety_root: Path, limits: tuple[int, int]
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def infer(channel: grpc.Channel) -> pb_grpc.InferenceServiceStub:
-    return pb_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def admin(channel: grpc.Channel) -> pb_grpc.AdapterServiceStub:
-    return pb_grpc.AdapterServiceStub(channel)
-
-
 def chat(adapter: str, max_new_tokens: int = 2, **sampling) -> pb.ChatRequest:
     return pb.ChatRequest(messages=[pb.Message(role="user", content="hello there")],
                           adapter=adapter,

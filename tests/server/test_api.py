@@ -56,22 +56,6 @@ def server(tiny_base: Path, served_root: Path,
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def infer(channel: grpc.Channel) -> pb_grpc.InferenceServiceStub:
-    return pb_grpc.InferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def admin(channel: grpc.Channel) -> pb_grpc.AdapterServiceStub:
-    return pb_grpc.AdapterServiceStub(channel)
-
-
 def chat_request(text: str = "hello there", adapter: str = "", max_new_tokens: int = SHORT,
                  **kwargs) -> pb.ChatRequest:
     return pb.ChatRequest(
@@ -288,11 +272,6 @@ def test_metrics_count_requests(infer, server) -> None:
 
 
 # ---------------------------------------------------------------- sessions
-
-@pytest.fixture(scope="module")
-def sessions(channel: grpc.Channel) -> pb_grpc.SessionServiceStub:
-    return pb_grpc.SessionServiceStub(channel)
-
 
 def test_session_keeps_completed_turns_only(infer, sessions) -> None:
     first = infer.Chat(chat_request("my name is Ada", session_id="s-1"), timeout=60)

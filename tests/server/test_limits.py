@@ -42,17 +42,6 @@ def server(tiny_base: Path, adapters_root: Path,
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def infer(channel: grpc.Channel) -> pb_grpc.InferenceServiceStub:
-    return pb_grpc.InferenceServiceStub(channel)
-
-
 def msgs(*texts: str) -> list[pb.Message]:
     """Alternating user / assistant messages ending with a user one."""
     last = len(texts) - 1

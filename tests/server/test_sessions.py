@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from common.conversation import Message
-from server.errors import FailedPreconditionError, InvalidArgumentError, SessionBusyError
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SessionBusyError,
+    SessionStoreError,
+    UnavailableError,
+)
 from server.sessions import (
     SCHEMA_VERSION,
     SessionLocks,
@@ -145,6 +151,8 @@ def test_settings_are_checked(tmp_path):
         SQLiteSessionStore(tmp_path / "x.db", ttl_seconds=-1)
     with pytest.raises(ValueError, match="max_sessions"):
         SQLiteSessionStore(tmp_path / "x.db", max_sessions=-2)
+    with pytest.raises(ValueError, match="busy_timeout_s"):
+        SQLiteSessionStore(tmp_path / "x.db", busy_timeout_s=float("nan"))
 
 
 def test_reopen_keeps_everything_and_the_file_is_durable(tmp_path):
@@ -197,6 +205,98 @@ def test_many_threads_never_interleave_a_turn(store):
     for question, answer in zip(messages[::2], messages[1::2], strict=True):
         assert (question.role, answer.role) == ("user", "assistant")
         assert question.content == answer.content
+
+
+# --- storage failures --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def locked(tmp_path: Path):
+    """A store with a short busy timeout, and a second connection that can hold the file's write
+    lock (what a backup tool or the sqlite3 shell does); as root a read-only file would not fail."""
+    store = SQLiteSessionStore(tmp_path / "locked.db", busy_timeout_s=0.2)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    yield store, other
+    other.close()
+    store.close()
+
+
+def test_a_write_that_cannot_get_the_lock_is_reported_and_stores_nothing(locked):
+    store, other = locked
+    store.append_turn("s", turn(0))
+    store.set_summary("s", {"covered": 2})
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(SessionStoreError) as info:
+        store.append_turn("s", turn(1))
+    assert isinstance(info.value, UnavailableError)  # UNAVAILABLE at the edge
+    message = str(info.value)
+    assert "session store could not be written (database is locked)" in message
+    assert "the answer was not stored" in message and "'s'" in message
+    assert str(store.path) not in message  # clients see the message; the path goes to the log
+    for write, what in [(lambda: store.ensure("t"), "'t' was not created"),
+                        (lambda: store.set_summary("s", {}), "summary of session 's'"),
+                        (lambda: store.delete("s"), "'s' was not deleted")]:
+        with pytest.raises(SessionStoreError, match=what):
+            write()
+    # Reads go on while another process writes (WAL); the failed writes left nothing behind.
+    session = store.get("s")
+    assert session.messages == turn(0) and session.summary_cache == {"covered": 2}
+    assert store.count() == 1 and [i.id for i in store.list()] == ["s"]
+    other.execute("ROLLBACK")
+    store.append_turn("s", turn(1))  # the store works again once the lock is gone
+    assert store.get("s").messages == [*turn(0), *turn(1)] and store.get("s").turns == 2
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_purge_under_a_held_lock_is_reported(tmp_path, clock):
+    store = SQLiteSessionStore(tmp_path / "p.db", ttl_seconds=60, clock=clock, busy_timeout_s=0)
+    store.append_turn("old", turn(0))
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(SessionStoreError, match="no expired session was deleted"):
+        store.purge_expired(now=clock.now + 3600)
+    other.execute("ROLLBACK")
+    assert store.purge_expired(now=clock.now + 3600) == 1
+    other.close()
+    store.close()
+
+
+def test_a_damaged_file_fails_reads_and_writes_with_a_clear_error(tmp_path):
+    store = SQLiteSessionStore(tmp_path / "damaged.db")
+    for i in range(40):
+        store.append_turn(f"s{i}", [Message("user", "x" * 1000), Message("assistant", "y")])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+    with store.path.open("r+b") as f:  # keep the header page, overwrite the rest
+        f.seek(4096)
+        f.write(b"\xff" * (store.path.stat().st_size - 4096))
+    store._db.execute("PRAGMA shrink_memory")  # no cached pages to hide the damage
+    for read in (lambda: store.get("s3"), store.list, store.count):
+        with pytest.raises(SessionStoreError, match=r"could not be read \(database disk image "
+                                                    r"is malformed\); no session data"):
+            read()
+    with pytest.raises(SessionStoreError, match="could not be written .* answer was not stored"):
+        store.append_turn("s3", turn(1))
+    store.close()
+
+
+def test_an_unusable_path_fails_at_open_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    reasons = {tmp_path: "is a directory", tmp_path / "a-file" / "sessions.db": "File exists"}
+    for path, reason in reasons.items():
+        with pytest.raises(FailedPreconditionError) as info:
+            SQLiteSessionStore(path)
+        assert f"cannot open session database {path}: " in str(info.value)
+        assert reason in str(info.value)
+
+
+def test_a_file_locked_at_startup_fails_the_open(tmp_path):
+    path = tmp_path / "busy.db"
+    SQLiteSessionStore(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(FailedPreconditionError, match=f"{path}: database is locked"):
+        SQLiteSessionStore(path, busy_timeout_s=0.1)
+    other.close()
 
 
 # --- SIGKILL mid-write ------------------------------------------------------------------------
