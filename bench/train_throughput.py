@@ -88,6 +88,7 @@ def run_plain(args: argparse.Namespace, work: Path, padding_free: bool) -> dict[
                        max_length=None if padding_free else hp["max_length"],
                        padding_free=padding_free,
                        learning_rate=hp["learning_rate"], lr_scheduler_type="linear", seed=0,
+                       data_seed=0,  # as `trainer fit`: the same batches, so the same padding
                        assistant_only_loss=True, gradient_checkpointing=False, bf16=on_gpu,
                        use_cpu=not on_gpu, report_to="none", save_strategy="no",
                        logging_steps=hp["max_steps"], disable_tqdm=True),
