@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -97,7 +98,22 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: str) -> None:
+ADAPTERS_ROOT_PLACEHOLDER = "<adapters-root>"
+
+
+def redact_paths(message: str, adapters_root: Path | None) -> str:
+    """The message with the server's adapters directory replaced by a placeholder: callers
+    learn which adapter file is wrong, not where the server keeps its files."""
+    if adapters_root is None:
+        return message
+    for form in {str(adapters_root.resolve()), str(adapters_root)}:
+        if form not in ("", ".", "/"):
+            message = message.replace(form, ADAPTERS_ROOT_PLACEHOLDER)
+    return message
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: str,
+                 adapters_root: Path | None = None) -> None:
     """Known failures get their own code and message; anything else is logged with its
     traceback and answered INTERNAL with the request id to find it in the log."""
     code = status_for(error)
@@ -105,7 +121,14 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: s
         log.error("unexpected error in %s", rpc, exc_info=error)
         await context.abort(code, f"internal error in {rpc} ({type(error).__name__}); see the "
                                   f"server log for request {current_request_id()}")
-    await context.abort(code, str(error))
+    if code is grpc.StatusCode.FAILED_PRECONDITION or code is grpc.StatusCode.NOT_FOUND:
+        log.info("%s refused: %s", rpc, error)  # the full paths stay in the server's log
+    await context.abort(code, redact_paths(str(error), adapters_root))
+
+
+def _adapters_root(servicer: Any) -> Path | None:
+    runtime = getattr(servicer, "runtime", None)
+    return getattr(getattr(runtime, "config", None), "adapters_root", None)
 
 
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
@@ -166,7 +189,7 @@ def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__)
+                await _abort(context, e, method.__name__, _adapters_root(self))
 
     return wrapper
 
@@ -184,7 +207,7 @@ def stream_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__)
+                await _abort(context, e, method.__name__, _adapters_root(self))
 
     return wrapper
 
