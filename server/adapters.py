@@ -201,6 +201,14 @@ class AdapterRegistry:
             return False
         return True
 
+    def check_still_inside(self, version: AdapterVersion) -> None:
+        """Re-check just before a load that the files read then are still below the root: a
+        file swapped for a symlink since the last scan would otherwise be followed."""
+        outside = [f for f in REQUIRED_FILES if not self._inside_root(version.path / f)]
+        if outside:
+            raise AdapterLoadError(f"{version.path}: {', '.join(outside)} now points outside "
+                                   f"the adapters root {self.root}; it is not read")
+
     def _scan_version(self, name: str, entry: Path) -> AdapterVersion | None:
         key = f"{name}@{int(entry.name)}"
         if not self._inside_root(entry):

@@ -294,6 +294,7 @@ class InferenceCore:
         pending = self._loading.get(adapter.key)
         if pending is not None:
             return await asyncio.shield(pending)
+        self.registry.check_still_inside(adapter)
         task = asyncio.ensure_future(
             asyncio.to_thread(self.engine.load_adapter, adapter.key, adapter.path))
         self._loading[adapter.key] = task

@@ -309,3 +309,19 @@ def test_a_budget_held_by_a_running_request_is_resource_exhausted(infer, admin) 
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             time.sleep(0.05)
     assert loaded(admin) == {"beta@1"}
+
+
+def test_weights_swapped_for_an_outside_symlink_after_the_scan_are_not_read(
+        infer, admin, safety_root, tmp_path) -> None:
+    version = Path(shutil.copytree(safety_root / "alpha" / "1", safety_root / "swapped" / "1"))
+    assert "swapped" in {a.name for a in admin.ListAdapters(pb.ListAdaptersRequest(),
+                                                           timeout=30).adapters}
+    outside = Path(shutil.copy(version / WEIGHTS, tmp_path / WEIGHTS))
+    (version / WEIGHTS).unlink()
+    os.symlink(outside, version / WEIGHTS)  # after the scan that accepted the version
+
+    with pytest.raises(grpc.RpcError) as info:
+        infer.Chat(chat("swapped@1"), timeout=60)
+    assert info.value.code() == FAILED, info.value.details()
+    assert "now points outside the adapters root" in info.value.details()
+    assert infer.Chat(chat("alpha@1"), timeout=60).usage.completion_tokens > 0
