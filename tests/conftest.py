@@ -167,3 +167,80 @@ def sessions(channel):
     from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
     return pb_grpc.SessionServiceStub(channel)
+
+
+SERVER_START_TIMEOUT_S = 120.0
+
+
+class ServerProcess:
+    """`python -m server.cli serve` in a subprocess on port 0, its output appended to `log`;
+    `wait_serving` reads the port from its "ready on" line, written once health is SERVING."""
+
+    def __init__(self, base: Path, adapters: Path, db: Path, log: Path,
+                 grace: float = 1.0) -> None:
+        import subprocess
+        import sys
+
+        self.log = log
+        self.offset = log.stat().st_size if log.exists() else 0
+        self.port = 0
+        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
+                "--adapters-root", str(adapters), "--port", "0", "--device", "cpu",
+                "--sessions-db", str(db), "--shutdown-grace-seconds", str(grace)]
+        with log.open("a") as sink:
+            self.process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1],
+                                            stdout=sink, stderr=sink)
+        self._client = self._channel = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        """This process's part of the log."""
+        return self.log.read_text(errors="replace")[self.offset:]
+
+    def wait_serving(self) -> ServerProcess:
+        import re
+        import time
+
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            found = re.search(r"ready on [^ ]+:(\d+)", self.text())
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.text()}")
+            time.sleep(0.1)
+        pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S}s:\n{self.text()}")
+
+    @property
+    def client(self):
+        """A SwitchboardClient without retries (made on first use)."""
+        if self._client is None:
+            from clients.client import SwitchboardClient
+
+            self._client = SwitchboardClient(self.target, retries=0)
+        return self._client
+
+    @property
+    def channel(self):
+        """A plain gRPC channel (made on first use)."""
+        if self._channel is None:
+            import grpc
+
+            self._channel = grpc.insecure_channel(self.target)
+        return self._channel
+
+    def kill(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def ensure_dead(self) -> None:
+        for connection in (self._client, self._channel):
+            if connection is not None:
+                connection.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=60)

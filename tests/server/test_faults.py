@@ -16,8 +16,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import ServerProcess
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -34,7 +33,6 @@ from clients.errors import SwitchboardRpcError
 from server.app import RunningServer, start_in_thread
 from server.config import ServerConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 SHORT = 8
 # Long enough (ignoring end-of-sequence) that only a cancellation ends it within seconds.
 LONG = 512
@@ -221,44 +219,8 @@ def test_an_unusable_sessions_path_fails_startup_naming_it(tiny_base, served_roo
 
 # ---------------------------------------------------------------- kill -9 during a burst
 
-START_TIMEOUT_S = 120.0
 CHATTERS = 8
 Messages = list[dict[str, str]]
-
-
-class ServerProcess:
-    """One `server.cli serve` process on a fresh port; its log goes to a file for failures."""
-
-    def __init__(self, base: Path, adapters: Path, db: Path, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
-                "--adapters-root", str(adapters), "--port", str(self.port), "--device", "cpu",
-                "--sessions-db", str(db), "--shutdown-grace-seconds", "1"]
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink)
-        self.target = f"127.0.0.1:{self.port}"
-        self.client = SwitchboardClient(self.target, retries=0)
-
-    def wait_serving(self) -> ServerProcess:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n"
-                            f"{self.log.read_text()[-3000:]}")
-            try:
-                if self.client.health(timeout=2) == "SERVING":
-                    return self
-            except SwitchboardRpcError:
-                pass  # not listening yet, or still loading the base
-            time.sleep(0.2)
-        pytest.fail(f"server not SERVING after {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
-
-    def ensure_dead(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=60)
-        self.client.close()
 
 
 class Chatter(threading.Thread):

@@ -10,79 +10,25 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ServerProcess
 
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardRpcError
 
-ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = {"role": "system", "content": "Be brief."}
 SHORT = 8
 # The killed answer must still be generating when the kill lands: it ignores the end-of-sequence
 # token (up to LONG tokens) and the kill follows its KILL_AFTER-th token.
 LONG = 512
 KILL_AFTER = 4
-START_TIMEOUT_S = 120.0
 
 Messages = list[dict[str, str]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """One `server.cli serve` process on a fresh port; its log goes to a file for failures."""
-
-    def __init__(self, base: Path, adapters: Path, db: Path, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
-                "--adapters-root", str(adapters), "--port", str(self.port), "--device", "cpu",
-                "--sessions-db", str(db), "--shutdown-grace-seconds", "1"]
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink)
-        self.client = SwitchboardClient(self.target, retries=0)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def wait_serving(self) -> ServerProcess:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if self.client.health(timeout=2) == "SERVING":
-                    return self
-            except SwitchboardRpcError:
-                pass  # not listening yet, or still loading the base
-            time.sleep(0.2)
-        pytest.fail(f"server not SERVING after {START_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def kill(self, sig: signal.Signals) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
-
-    def ensure_dead(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=60)
-        self.client.close()
 
 
 @pytest.fixture
@@ -226,7 +172,7 @@ def test_sessions_survive_a_clean_sigterm_restart(start_server) -> None:
     held = run_turns(first.client, "clean-a", ["hello there", "what is LoRA?"])
     held_b = run_turns(first.client, "clean-b", ["hi"], stream=True)
     assert first.kill(signal.SIGTERM) == 0
-    assert "stopped" in first.log_tail()
+    assert "stopped" in first.text()
 
     second = start_server()
     client = second.client

@@ -7,25 +7,21 @@ A stream longer than the grace is cut, stores nothing, and the process still exi
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from server.sessions import SQLiteSessionStore
 
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 120.0
 # Long enough (seconds on a CPU) that the stream is still running while the test probes the
 # draining server; it follows its TOKENS_BEFORE_SIGTERM-th token with the signal.
 FINISHING_TOKENS = 500
@@ -33,52 +29,19 @@ TOKENS_BEFORE_SIGTERM = 4
 NOT_SERVING_WITHIN_S = 2.0
 
 
-class ServerProcess:
-    """`python -m server.cli serve` on port 0; the port is read from its "ready on" log line."""
+def health(server: ServerProcess) -> int:
+    return health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(service="switchboard.v1.InferenceService"),
+        timeout=5).status
 
-    def __init__(self, base: Path, adapters: Path, db: Path, log: Path, grace: float) -> None:
-        self.log = log
-        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
-                "--adapters-root", str(adapters), "--port", "0", "--device", "cpu",
-                "--sessions-db", str(db), "--shutdown-grace-seconds", str(grace)]
-        self.offset = log.stat().st_size if log.exists() else 0
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink)
-        self.port = self._wait_ready()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
-    def text(self) -> str:
-        """This process's part of the log."""
-        return self.log.read_text(errors="replace")[self.offset:]
-
-    def _wait_ready(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = re.search(r"ready on [^ ]+:(\d+)", self.text())
-            if found:
-                return int(found.group(1))
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.text()}")
-            time.sleep(0.1)
-        pytest.fail(f"server not ready after {START_TIMEOUT_S}s:\n{self.text()}")
-
-    def health(self) -> int:
-        return health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service="switchboard.v1.InferenceService"),
-            timeout=5).status
-
-    def stream(self, session: str, text: str, max_new_tokens: int) -> Iterator[pb.ChatChunk]:
-        request = pb.ChatRequest(
-            messages=[pb.Message(role="user", content=text)], session_id=session,
-            sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True,
-                                       temperature=1.0, seed=7))
-        return pb_grpc.InferenceServiceStub(self.channel).ChatStream(request, timeout=120)
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=60)
+def long_stream(server: ServerProcess, session: str, text: str,
+           max_new_tokens: int) -> Iterator[pb.ChatChunk]:
+    request = pb.ChatRequest(
+        messages=[pb.Message(role="user", content=text)], session_id=session,
+        sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True,
+                                   temperature=1.0, seed=7))
+    return pb_grpc.InferenceServiceStub(server.channel).ChatStream(request, timeout=120)
 
 
 @pytest.fixture
@@ -90,11 +53,11 @@ def start(tiny_base: Path, adapters_root: Path, tmp_path: Path) -> Iterator:
     def start_server(grace: float) -> ServerProcess:
         started.append(ServerProcess(tiny_base, adapters, tmp_path / "s.db",
                                      tmp_path / "server.log", grace))
-        return started[-1]
+        return started[-1].wait_serving()
 
     yield start_server
     for server in started:
-        server.stop()
+        server.ensure_dead()
 
 
 def running(stream: Iterator[pb.ChatChunk]) -> list[pb.ChatChunk]:
@@ -112,7 +75,7 @@ def wait_not_serving(server: ServerProcess) -> float:
     """Seconds until health answers NOT_SERVING (fails after NOT_SERVING_WITHIN_S)."""
     started = time.monotonic()
     while time.monotonic() - started < NOT_SERVING_WITHIN_S:
-        if server.health() == health_pb2.HealthCheckResponse.NOT_SERVING:
+        if health(server) == health_pb2.HealthCheckResponse.NOT_SERVING:
             return time.monotonic() - started
         time.sleep(0.02)
     pytest.fail(f"health still SERVING {NOT_SERVING_WITHIN_S}s after SIGTERM")
@@ -120,7 +83,7 @@ def wait_not_serving(server: ServerProcess) -> float:
 
 def test_sigterm_drains_finishes_the_running_stream_and_keeps_its_turn(start) -> None:
     server = start(grace=60.0)
-    stream = server.stream("drain-a", "tell me a long story", FINISHING_TOKENS)
+    stream = long_stream(server, "drain-a", "tell me a long story", FINISHING_TOKENS)
     chunks = running(stream)
     server.process.send_signal(signal.SIGTERM)
 
@@ -130,7 +93,7 @@ def test_sigterm_drains_finishes_the_running_stream_and_keeps_its_turn(start) ->
             messages=[pb.Message(role="user", content="hi")]), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
     assert "shutting down; retry on another replica" in info.value.details(), info.value
-    assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING  # still answering
+    assert health(server) == health_pb2.HealthCheckResponse.NOT_SERVING  # still answering
 
     chunks += list(stream)
     final = chunks[-1].final
@@ -150,9 +113,9 @@ def test_sigterm_drains_finishes_the_running_stream_and_keeps_its_turn(start) ->
 def test_a_stream_longer_than_the_grace_is_cut_and_leaves_no_partial_turn(
         start, tmp_path: Path) -> None:
     server = start(grace=0.5)
-    done = list(server.stream("drain-b", "first question", 4))
+    done = list(long_stream(server, "drain-b", "first question", 4))
     assert done[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
-    stream = server.stream("drain-b", "second question, answered at length", 1900)
+    stream = long_stream(server, "drain-b", "second question, answered at length", 1900)
     running(stream)
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
