@@ -244,3 +244,22 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=60)
+
+
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    """`dst` holding the first `n` lines of `src` (a small training file)."""
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+    return dst
+
+
+def run_trainer(argv: list[str]) -> tuple[int, str]:
+    """`trainer ARGV` in-process: its exit code and what it printed."""
+    import contextlib
+    import io
+
+    from trainer.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()

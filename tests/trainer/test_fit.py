@@ -3,14 +3,13 @@ shared by the quality tests; the reproducibility and resume tests use a few step
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import head_lines, run_trainer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -28,25 +27,13 @@ QUALITY_FLAGS = [
 ]
 
 
-def _head(src: Path, dst: Path, n: int) -> Path:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return dst
-
-
-def _run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
 @pytest.fixture(scope="session")
 def trained(tiny_base: Path, bundled_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real `trainer fit` run on a bundled domain: (version dir, stdout, wall seconds)."""
     work = tmp_path_factory.mktemp("fit")
-    validation = _head(bundled_data / DOMAIN / "validation.jsonl", work / "val.jsonl", 40)
+    validation = head_lines(bundled_data / DOMAIN / "validation.jsonl", work / "val.jsonl", 40)
     started = time.monotonic()
-    code, out = _run_cli([
+    code, out = run_trainer([
         "fit", "--base", str(tiny_base), "--data", str(bundled_data / DOMAIN / "train.jsonl"),
         "--validation", str(validation), "--name", "helpdesk", "--adapters-root",
         str(work / "adapters"), *QUALITY_FLAGS,
@@ -199,7 +186,7 @@ class Interrupt(TrainerCallback):
 @pytest.fixture(scope="module")
 def small_config(tiny_base: Path, bundled_data: Path, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("small")
-    data = _head(bundled_data / DOMAIN / "train.jsonl", work / "train.jsonl", 24)
+    data = head_lines(bundled_data / DOMAIN / "train.jsonl", work / "train.jsonl", 24)
     return dict(base=str(tiny_base), data=str(data), name="small", val_split=0, max_steps=4,
                 batch_size=2, max_length=64, rank=4, alpha=8, dropout=0.1, save_steps=2,
                 learning_rate=1e-3, logging_steps=1, device="cpu", seed=7)

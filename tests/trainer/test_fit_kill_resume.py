@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import head_lines
+
 from trainer import manifest as mf
 
 DOMAIN = "it_helpdesk"
@@ -22,11 +24,6 @@ CHECKPOINT_TIMEOUT_S = 120.0
 # One intra-op thread: on 2 cores shared with other jobs, OpenMP's spinning worker threads made
 # a step of this tiny model ~25x slower (3 s instead of 0.1 s).
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _head(src: Path, dst: Path, n: int) -> Path:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return dst
 
 
 def _complete_checkpoint_step(run_dir: Path) -> int | None:
@@ -54,7 +51,7 @@ def _event_steps(events_file: Path) -> list[int]:
 def test_sigkill_then_resume_continues_from_the_checkpoint(
     tiny_base: Path, bundled_data: Path, tmp_path: Path
 ) -> None:
-    data = _head(bundled_data / DOMAIN / "train.jsonl", tmp_path / "train.jsonl", 40)
+    data = head_lines(bundled_data / DOMAIN / "train.jsonl", tmp_path / "train.jsonl", 40)
     root = tmp_path / "adapters"
     command = [
         sys.executable, "-m", "trainer.cli", "fit", "--base", str(tiny_base), "--data", str(data),

@@ -5,8 +5,6 @@ out of --data when no --validation file is given."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from itertools import pairwise
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import head_lines, run_trainer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -25,18 +24,6 @@ DOMAIN = "it_helpdesk"
 # Longer than every one of the first 32 it_helpdesk conversations (101-275 tokens), so packing
 # places whole conversations, two to four to a row.
 PACKED_LENGTH = 512
-
-
-def _head(src: Path, dst: Path, n: int) -> Path:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return dst
-
-
-def _run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
 
 
 def _manifest(version_dir: Path) -> dict:
@@ -70,7 +57,7 @@ class FedData(TrainerCallback):
 @pytest.fixture(scope="module")
 def data(bundled_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 32 conversations of one bundled domain."""
-    return _head(bundled_data / DOMAIN / "train.jsonl",
+    return head_lines(bundled_data / DOMAIN / "train.jsonl",
                  tmp_path_factory.mktemp("options") / "train.jsonl", 32)
 
 
@@ -191,7 +178,7 @@ def _early_stopping_argv(tiny_base: Path, data: Path, root: Path, patience: int)
 def test_early_stopping_stops_when_validation_loss_stops_improving(
     tiny_base: Path, data: Path, tmp_path: Path
 ) -> None:
-    code, out = _run_cli(_early_stopping_argv(tiny_base, data, tmp_path / "adapters", 1))
+    code, out = run_trainer(_early_stopping_argv(tiny_base, data, tmp_path / "adapters", 1))
     assert code == 0, out
     version_dir = Path(out.strip().splitlines()[-1])
     manifest = _manifest(version_dir)
@@ -214,7 +201,7 @@ def test_early_stopping_stops_when_validation_loss_stops_improving(
 def test_early_stopping_with_large_patience_runs_to_max_steps(
     tiny_base: Path, data: Path, tmp_path: Path
 ) -> None:
-    code, out = _run_cli(_early_stopping_argv(tiny_base, data, tmp_path / "adapters", 100))
+    code, out = run_trainer(_early_stopping_argv(tiny_base, data, tmp_path / "adapters", 100))
     assert code == 0, out
     manifest = _manifest(Path(out.strip().splitlines()[-1]))
     metrics, curve = manifest["metrics"], manifest["curves"]["validation"]
@@ -292,7 +279,7 @@ def test_a_fraction_too_small_still_holds_out_one_conversation(
 def test_a_split_without_training_or_validation_data_fails_before_the_model_loads(
     case: str, message: str, tiny_base: Path, data: Path, tmp_path: Path, capsys
 ) -> None:
-    one = _head(data, tmp_path / "one.jsonl", 1)
+    one = head_lines(data, tmp_path / "one.jsonl", 1)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     files = {"one conversation to split": ["--data", str(one), "--val-split", "0.1"],
