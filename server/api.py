@@ -101,11 +101,9 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 ADAPTERS_ROOT_PLACEHOLDER = "<adapters-root>"
 
 
-def redact_paths(message: str, adapters_root: Path | None) -> str:
+def redact_paths(message: str, adapters_root: Path) -> str:
     """The message with the server's adapters directory replaced by a placeholder: callers
     learn which adapter file is wrong, not where the server keeps its files."""
-    if adapters_root is None:
-        return message
     for form in {str(adapters_root.resolve()), str(adapters_root)}:
         if form not in ("", ".", "/"):
             message = message.replace(form, ADAPTERS_ROOT_PLACEHOLDER)
@@ -113,7 +111,7 @@ def redact_paths(message: str, adapters_root: Path | None) -> str:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: str,
-                 adapters_root: Path | None = None) -> None:
+                 adapters_root: Path) -> None:
     """Known failures get their own code and message; anything else is logged with its
     traceback and answered INTERNAL with the request id to find it in the log."""
     code = status_for(error)
@@ -125,10 +123,6 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: s
         log.info("%s refused: %s", rpc, error)  # the full paths stay in the server's log
     await context.abort(code, redact_paths(str(error), adapters_root))
 
-
-def _adapters_root(servicer: Any) -> Path | None:
-    runtime = getattr(servicer, "runtime", None)
-    return getattr(getattr(runtime, "config", None), "adapters_root", None)
 
 
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
@@ -189,7 +183,7 @@ def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__, _adapters_root(self))
+                await _abort(context, e, method.__name__, self.runtime.config.adapters_root)
 
     return wrapper
 
@@ -207,7 +201,7 @@ def stream_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__, _adapters_root(self))
+                await _abort(context, e, method.__name__, self.runtime.config.adapters_root)
 
     return wrapper
 

@@ -31,7 +31,7 @@ def sdpa_varlen_attention(module: Any, query: Any, key: Any, value: Any, attenti
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
-    edges = [int(b) for b in bounds.tolist()]
+    edges = bounds.tolist()
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
