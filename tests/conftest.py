@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -263,3 +264,36 @@ def run_trainer(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         code = main(argv)
     return code, out.getvalue()
+
+
+class SessionChatter(threading.Thread):
+    """Short turns on its own session until the server goes away; `acked` is the conversation
+    as far as the client saw answers complete, `error` what ended it."""
+
+    def __init__(self, target: str, session: str) -> None:
+        from clients.client import SwitchboardClient
+
+        super().__init__(daemon=True)
+        self.client = SwitchboardClient(target, retries=0)
+        self.session = session
+        self.acked: list[dict[str, str]] = []
+        self.error: Exception | None = None
+
+    @property
+    def turns(self) -> int:
+        return len(self.acked) // 2
+
+    def run(self) -> None:
+        from clients.errors import SwitchboardRpcError
+
+        try:
+            while True:
+                message = {"role": "user", "content": f"{self.session} turn {self.turns}"}
+                result = self.client.chat([message], max_new_tokens=4, session_id=self.session,
+                                          timeout=60)
+                # One assignment, so a reader on another thread never sees half a turn.
+                self.acked = [*self.acked, message, {"role": "assistant", "content": result.text}]
+        except SwitchboardRpcError as err:
+            self.error = err  # expected: the server was killed
+        finally:
+            self.client.close()

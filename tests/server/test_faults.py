@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,12 +23,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, SessionChatter
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
-from clients.client import SwitchboardClient
-from clients.errors import SwitchboardRpcError
 from server.app import RunningServer, start_in_thread
 from server.config import ServerConfig
 
@@ -220,35 +217,6 @@ def test_an_unusable_sessions_path_fails_startup_naming_it(tiny_base, served_roo
 # ---------------------------------------------------------------- kill -9 during a burst
 
 CHATTERS = 8
-Messages = list[dict[str, str]]
-
-
-class Chatter(threading.Thread):
-    """Short turns on its own session until the server goes away; `acked` is the conversation
-    as far as the client saw answers complete."""
-
-    def __init__(self, target: str, session: str) -> None:
-        super().__init__(daemon=True)
-        self.client = SwitchboardClient(target, retries=0)
-        self.session = session
-        self.acked: Messages = []
-        self.error: SwitchboardRpcError | None = None
-
-    @property
-    def turns(self) -> int:
-        return len(self.acked) // 2
-
-    def run(self) -> None:
-        try:
-            while True:
-                message = {"role": "user", "content": f"{self.session} turn {self.turns}"}
-                result = self.client.chat([message], max_new_tokens=4, session_id=self.session,
-                                          timeout=60)
-                self.acked = [*self.acked, message, {"role": "assistant", "content": result.text}]
-        except SwitchboardRpcError as err:
-            self.error = err  # expected: the server was killed
-        finally:
-            self.client.close()
 
 
 def test_kill_9_during_a_burst_of_session_writes_loses_no_completed_turn(
@@ -259,7 +227,7 @@ def test_kill_9_during_a_burst_of_session_writes_loses_no_completed_turn(
     second = None
     try:
         first.wait_serving()
-        chatters = [Chatter(first.target, f"burst-{i}") for i in range(CHATTERS)]
+        chatters = [SessionChatter(first.target, f"burst-{i}") for i in range(CHATTERS)]
         for chatter in chatters:
             chatter.start()
         wait_until(lambda: min(c.turns for c in chatters) >= 2 or any(c.error for c in chatters),

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, SessionChatter
 
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardRpcError
@@ -75,33 +74,6 @@ def stored(client: SwitchboardClient, session: str) -> Messages | None:
         return None
 
 
-class Traffic(threading.Thread):
-    """Short turns on one session until the server goes away; `acked` holds the conversation
-    as far as the client saw answers complete."""
-
-    def __init__(self, target: str, session: str) -> None:
-        super().__init__(daemon=True)
-        self.client = SwitchboardClient(target, retries=0)
-        self.session = session
-        self.acked: Messages = []
-        self.turns = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while True:
-                text = f"traffic turn {self.turns}"
-                message = {"role": "user", "content": text}
-                result = self.client.chat([message], max_new_tokens=4, session_id=self.session,
-                                          timeout=30)
-                self.acked += [message, {"role": "assistant", "content": result.text}]
-                self.turns += 1
-        except SwitchboardRpcError as err:
-            self.error = err  # expected: the server was killed
-        finally:
-            self.client.close()
-
-
 def stream_until(client: SwitchboardClient, conversation: Messages, adapter: str,
                  session: str) -> Iterator:
     """Start a long streamed answer on `session`; return its iterator once KILL_AFTER tokens
@@ -135,7 +107,7 @@ def test_kill_9_mid_stream_keeps_every_completed_turn_and_no_partial_one(start_s
     question = {"role": "user", "content": "tell me everything, at length"}
     fresh = [SYSTEM, {"role": "user", "content": "hello there"}]
 
-    traffic = Traffic(first.target, "dur-traffic")
+    traffic = SessionChatter(first.target, "dur-traffic")
     traffic.start()
     deadline = time.monotonic() + 60
     while traffic.turns < 2 and traffic.error is None and time.monotonic() < deadline:
