@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from server.errors import (
     AdapterCapacityError,
     AdapterInUseError,
     AdapterLoadError,
+    AdapterSlotsBusyError,
     AdapterTooLargeError,
     NotFoundError,
 )
@@ -191,7 +192,7 @@ def _check_module(
 
 
 def read_adapter(
-    path: Path, module_shapes: Mapping[str, tuple[int, int]], max_rank: int, dtype: Any = None,
+    path: Path, module_shapes: Mapping[str, tuple[int, int]], max_rank: int,
     *, max_bytes: int | None = None,
 ) -> AdapterWeights:
     """Read and validate a PEFT LoRA directory; raise AdapterLoadError saying what is wrong.
@@ -207,7 +208,7 @@ def read_adapter(
     for module, pair in sorted(grouped.items()):
         a, b = pair["A"], pair["B"]
         _check_module(path, module, a, b, module_shapes, max_rank)
-        a, b = (a.float(), b.float()) if dtype is None else (a.to(dtype), b.to(dtype))
+        a, b = a.float(), b.float()
         modules[module] = LoraWeights(a, b, _scaling(config, module, a.shape[0]))
     return AdapterWeights(path, max(w.rank for w in modules.values()), modules)
 
@@ -266,10 +267,18 @@ class AdapterCache:
 
     def pin(self, key: str) -> int:
         """Mark `key` in use (one pin per request) and return its slot."""
+        slot = self.try_pin(key)
+        if slot is None:
+            with self._lock:
+                raise self._missing(key)
+        return slot
+
+    def try_pin(self, key: str) -> int | None:
+        """Pin `key` and return its slot; None when it is not loaded."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                raise self._missing(key)
+                return None
             entry.pins += 1
             entry.last_used = time.time()
             self._entries.move_to_end(key)
@@ -282,24 +291,25 @@ class AdapterCache:
                 entry.pins -= 1
                 entry.last_used = time.time()
 
-    def reserve_slot(self, memory_bytes: int = 0, key: str = "the new adapter"
-                     ) -> tuple[int, list[str]]:
+    def reserve_slot(self, memory_bytes: int = 0, key: str = "the new adapter",
+                     protected: Collection[str] = ()) -> tuple[int, list[str]]:
         """A slot for a new adapter of `memory_bytes`, and the keys evicted to make room.
 
-        Least recently used unpinned entries are evicted until a slot is free and the budget
-        holds the new adapter. Nothing is evicted when that cannot succeed: then
-        AdapterCapacityError says why (every slot pinned, or the sizes that do not fit).
+        Least recently used entries that are neither pinned nor `protected` (wanted by waiting
+        requests) are evicted until a slot is free and the budget holds the new adapter.
+        Nothing is evicted when that cannot succeed: AdapterSlotsBusyError when room may free
+        up later, AdapterCapacityError when the adapter can never fit the budget.
         """
         with self._lock:
-            victims = self._victims(memory_bytes, key)
+            victims = self._victims(memory_bytes, key, protected)
             for victim in victims:
                 self._free_slots.append(self._entries.pop(victim).slot)
             slot = self._free_slots.pop()
             self._reserved[slot] = memory_bytes
             return slot, victims
 
-    def _victims(self, memory_bytes: int, key: str) -> list[str]:
-        """The LRU-first unpinned keys whose eviction makes room; raises when none suffices."""
+    def _victims(self, memory_bytes: int, key: str, protected: Collection[str]) -> list[str]:
+        """The LRU-first evictable keys whose eviction makes room; raises when none suffices."""
         budget = self.memory_budget
         if budget and memory_bytes > budget:
             raise AdapterCapacityError(
@@ -311,21 +321,22 @@ class AdapterCache:
         for victim, entry in self._entries.items():
             if not need_slot and not (budget and used + memory_bytes > budget):
                 break
-            if entry.pins == 0:
+            if entry.pins == 0 and victim not in protected:
                 victims.append(victim)
                 need_slot, used = False, used - entry.memory_bytes
+        busy = ", ".join(k for k, e in self._entries.items() if e.pins or k in protected) or "-"
         if need_slot:
-            raise AdapterCapacityError(
-                f"all {self.capacity} adapter slots are in use by running requests "
-                f"({', '.join(self._entries)}); none can be evicted"
+            raise AdapterSlotsBusyError(
+                f"all {self.capacity} adapter slots are in use by running requests (or wanted "
+                f"by waiting ones: {busy}); none can be evicted now, retry when they finish"
             )
         if budget and used + memory_bytes > budget:
-            raise AdapterCapacityError(
+            raise AdapterSlotsBusyError(
                 f"{key} needs {memory_bytes} bytes of adapter memory but only "
                 f"{budget - used} of the {budget}-byte budget ({BUDGET_SETTING}) can be made "
-                f"free: {used} bytes are held by adapters in use by running requests or being "
-                f"loaded ({', '.join(k for k, e in self._entries.items() if e.pins) or '-'}); "
-                "retry when they finish, or raise the budget"
+                f"free: {used} bytes are held by adapters in use by running requests (or wanted "
+                f"by waiting ones) or being loaded ({busy}); retry when they finish, or raise "
+                "the budget"
             )
         return victims
 

@@ -43,6 +43,11 @@ class AdapterCapacityError(ResourceExhaustedError):
     the adapter memory budget (larger than the whole budget, or the rest is pinned)."""
 
 
+class AdapterSlotsBusyError(AdapterCapacityError):
+    """No slot or budget can be freed right now (held by running or waiting requests); a
+    request waiting for the adapter keeps waiting, an explicit load may retry later."""
+
+
 class ConcurrencyLimitError(ResourceExhaustedError):
     """Too many requests are running or waiting, in the whole server or on one adapter."""
 
@@ -65,6 +70,11 @@ class AdapterTooLargeError(AdapterLoadError):
     FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: the size is a property of the adapter on disk,
     not a momentary shortage, so retrying cannot help; the operator must raise the limit.
     """
+
+
+class RowFailedError(SwitchboardError):
+    """One row of a batched step failed alone (non-finite logits from its adapter, a sampling
+    error); the other rows went on (INTERNAL at the edge: nothing the caller sent caused it)."""
 
 
 class UnavailableError(SwitchboardError):

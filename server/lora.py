@@ -36,17 +36,21 @@ class LoraContext:
     """Which slot each row of the current forward uses; shared by every wrapped layer.
 
     `version` changes whenever the routing or any slot's weights change, so layers can keep
-    their gathered slices across decode steps of an unchanged batch.
+    their gathered slices across decode steps of an unchanged batch. Inside a CUDA graph no
+    Python runs at replay, so there `cache_gathers` is off and every forward gathers afresh
+    from the static `slots` tensor.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None  # (B,) long; None = no LoRA this forward
         self.rank = 0
         self.version = 0
+        self.cache_gathers = True
 
-    def set(self, slots: torch.Tensor | None, rank: int) -> None:
+    def set(self, slots: torch.Tensor | None, rank: int, *, cache_gathers: bool = True) -> None:
         self.slots = slots if rank > 0 else None
         self.rank = rank
+        self.cache_gathers = cache_gathers
         self.version += 1
 
 
@@ -97,15 +101,20 @@ class StackedLoraLinear(nn.Module):
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.context
+        if not ctx.cache_gathers:
+            return self._gathered(ctx)
         if self._gathered_version != ctx.version:
-            r = ctx.rank
             # Per-row slices of the stacks, gathered once per batch layout, not once per step.
-            # Slice the rank before gathering, so only r of max_rank rows are copied.
-            a_rows = self.lora_a[:, :r].index_select(0, ctx.slots)  # (B, r, in)
-            self._a_rows = a_rows.transpose(1, 2).contiguous()  # (B, in, r): bmm-ready
-            self._bt_rows = self.lora_bt[:, :r].index_select(0, ctx.slots)  # (B, r, out)
+            self._a_rows, self._bt_rows = self._gathered(ctx)
             self._gathered_version = ctx.version
         return self._a_rows, self._bt_rows
+
+    def _gathered(self, ctx: LoraContext) -> tuple[torch.Tensor, torch.Tensor]:
+        r = ctx.rank
+        # Slice the rank before gathering, so only r of max_rank rows are copied.
+        a_rows = self.lora_a[:, :r].index_select(0, ctx.slots)  # (B, r, in)
+        bt_rows = self.lora_bt[:, :r].index_select(0, ctx.slots)  # (B, r, out)
+        return a_rows.transpose(1, 2).contiguous(), bt_rows  # (B, in, r): bmm-ready
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (B, T, out)
@@ -173,8 +182,14 @@ class LoraStack:
             self._wrapped[name].install(slot, weights)
         self._slot_modules[slot] = frozenset(modules)
         self._slot_ranks[slot] = max(w.rank for w in modules.values())
-        self.context.version += 1  # cached gathers may hold this slot's old weights
+        self.bump()  # cached gathers may hold this slot's old weights
         return self.slice_bytes(list(modules))
+
+    def wrap_all(self) -> None:
+        """Wrap every LoRA-able layer now (a captured CUDA graph must see every wrapper that
+        a later adapter could need)."""
+        for name in self.module_shapes:
+            self._wrap(name)
 
     def _wrap(self, name: str) -> None:
         if name in self._wrapped:
@@ -187,8 +202,9 @@ class LoraStack:
         setattr(parent, child, wrapper)
         self._wrapped[name] = wrapper
 
-    def route(self, slots: Sequence[int]) -> None:
-        """Set the per-row slots for the next forward passes (slot 0 = bare base)."""
+    def route(self, slots: Sequence[int], index: torch.Tensor | None = None) -> None:
+        """Set the per-row slots for the next forward passes (slot 0 = bare base); `index`,
+        when given, already holds `slots` on the model's device (no new tensor is made)."""
         empty = sorted({s for s in slots if s != BASE_SLOT and self._slot_ranks[s] == 0})
         if empty:
             raise ValueError(f"rows are routed to LoRA slots with no adapter installed: {empty}")
@@ -196,8 +212,18 @@ class LoraStack:
         if rank == 0:
             self.context.set(None, 0)
             return
-        index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
+        if index is None:
+            index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
         self.context.set(index, rank)
+
+    def route_static(self, index: torch.Tensor) -> None:
+        """Route from a static slots tensor at full rank, gathering every forward (for CUDA
+        graph capture: the replay reads whatever `index` holds then)."""
+        self.context.set(index, self.max_rank, cache_gathers=False)
+
+    def bump(self) -> None:
+        """Invalidate cached gathers (a slot's weights changed in place)."""
+        self.context.version += 1
 
 
 def _compute_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

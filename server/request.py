@@ -1,9 +1,10 @@
 """A generation request through the engine: what is asked, its state, and the caller's stream.
 
 `GenerationRequest` is what a caller submits; `Request` is the engine's record of it (status
-enum, read-only output ids, text streamed so far); `RequestHandle` is the caller's side: events
-(`TokenEvent`s then exactly one `FinishEvent`) read by plain or `async` iteration, and
-`cancel()`. The engine thread is the only writer of a `Request`.
+enum, where it runs); `RequestHandle` is the caller's side: the engine pushes token ids and one
+finish, and the reader turns them into `TokenEvent`s then exactly one `FinishEvent` (plain or
+`async` iteration), with text and stop strings handled by `server.output` on the reading side.
+The engine thread is the only writer of a `Request`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from server.detokenize import IncrementalDetokenizer
-from server.sampling import SamplingParams, check_stop
+from server.output import OutputProcessor
+from server.sampling import SamplingParams
 
 BASE_KEY = "__base__"  # adapter label of the bare base, for metrics and batch checks
 
@@ -29,11 +31,12 @@ class RequestStatus(enum.IntEnum):
     """Ordered so that `status >= FINISHED_STOPPED` means finished."""
 
     WAITING = 0
-    RUNNING = 1
-    FINISHED_STOPPED = 2
-    FINISHED_LENGTH = 3
-    FINISHED_CANCELLED = 4
-    FINISHED_ERROR = 5
+    WAITING_FOR_ADAPTER = 1  # its adapter is not resident: a load is under way or queued
+    RUNNING = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_CANCELLED = 5
+    FINISHED_ERROR = 6
 
     @property
     def is_finished(self) -> bool:
@@ -50,13 +53,18 @@ _FINISH_REASON: dict[RequestStatus, FinishReason] = {
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion to generate: prompt token ids, adapter key ("name@version") or None for
-    the bare base, sampling settings and an optional `time.monotonic()` deadline."""
+    the bare base, sampling settings and an optional `time.monotonic()` deadline.
+
+    `adapter_path` is where the adapter's files are, so the engine can load it when it is not
+    resident (the request waits meanwhile); without it the adapter must already be loaded.
+    """
 
     request_id: str
     prompt_ids: list[int]
     adapter: str | None
     sampling: SamplingParams
     deadline: float | None = None
+    adapter_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -69,6 +77,8 @@ class GenerationRequest:
             )
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
             raise ValueError(f"adapter must be a non-empty key or None, got {self.adapter!r}")
+        if self.adapter is None and self.adapter_path is not None:
+            raise ValueError("adapter_path needs an adapter key")
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
 
@@ -94,19 +104,45 @@ class FinishEvent:
 Event = TokenEvent | FinishEvent
 
 
+@dataclass(frozen=True)
+class _Token:
+    """What the engine pushes per step: one token id, whether it is end-of-sequence, and how
+    the request ended when this is its last token."""
+
+    token_id: int
+    is_eos: bool
+    finish: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """The end of a request that produced no last token (cancelled, or an expired deadline)."""
+
+    reason: FinishReason
+
+
 class RequestHandle:
     """The caller's end of one request: iterate (sync or async) over its events, or cancel it.
 
-    The engine thread pushes events; any number of threads or event loops may read. A failure
-    inside the engine ends the stream by raising that exception from the iteration.
+    The engine thread pushes token ids and a finish (cheap); the reader turns them into events.
+    A failure inside the engine ends the stream by raising that exception from the iteration.
+    Read it from one thread or task at a time.
     """
 
-    def __init__(self, request_id: str, on_cancel: Callable[[], None] | None = None) -> None:
+    def __init__(self, request_id: str, output: OutputProcessor, prompt_tokens: int,
+                 on_cancel: Callable[[], None] | None = None) -> None:
         self.request_id = request_id
+        self.arrival = time.monotonic()
+        # Written by the engine thread when it happens; read when the finish is built.
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self._output = output
+        self._prompt_tokens = prompt_tokens
         self._on_cancel = on_cancel
         self._cancelled = threading.Event()
         self._cond = threading.Condition()
-        self._events: deque[Event | BaseException] = deque()
+        self._pushed: deque[_Token | _Finished | BaseException] = deque()
+        self._ready: deque[Event] = deque()  # built events not yet returned
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._done = False
 
@@ -120,10 +156,22 @@ class RequestHandle:
         if self._on_cancel is not None:
             self._on_cancel()
 
-    def push(self, event: Event | BaseException) -> None:
-        """Engine side: deliver one event (or the exception that ends the stream)."""
+    # -- engine side -------------------------------------------------------------------------
+
+    def push_token(self, token_id: int, is_eos: bool, finish: FinishReason | None) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self._push(_Token(token_id, is_eos, finish))
+
+    def push_finish(self, reason: FinishReason) -> None:
+        self._push(_Finished(reason))
+
+    def push_error(self, error: BaseException) -> None:
+        self._push(error)
+
+    def _push(self, item: _Token | _Finished | BaseException) -> None:
         with self._cond:
-            self._events.append(event)
+            self._pushed.append(item)
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, flag in waiters:
@@ -132,25 +180,56 @@ class RequestHandle:
             except RuntimeError:  # that loop is closed: nobody is waiting there any more
                 pass
 
-    def _take(self) -> Event | BaseException | None:
-        if self._done:
-            raise StopIteration
-        if not self._events:
-            return None
-        event = self._events.popleft()
-        if isinstance(event, FinishEvent | BaseException):
+    # -- reader side -------------------------------------------------------------------------
+
+    def _events_of(self, item: _Token | _Finished | BaseException) -> list[Event]:
+        """The public events for one pushed item (raises the engine's failure)."""
+        if isinstance(item, BaseException):
             self._done = True
-        return event
+            raise item
+        if isinstance(item, _Finished):
+            tail = self._output.final_delta()
+            tokens = [TokenEvent(tail, [], self._output.completion_tokens)] if tail else []
+            return [*tokens, self._finish(item.reason)]
+        delta = self._output.on_token(item.token_id, is_eos=item.is_eos)
+        reason = item.finish
+        if self._output.stopped:
+            self.cancel()  # a stop string ended the text: free the engine's row
+            reason = "stop"
+        if reason is None:
+            return [TokenEvent(delta, [item.token_id], self._output.completion_tokens)]
+        delta += self._output.final_delta()
+        return [TokenEvent(delta, [item.token_id], self._output.completion_tokens),
+                self._finish(reason)]
+
+    def _finish(self, reason: FinishReason) -> FinishEvent:
+        self._done = True
+        now = time.monotonic()
+        return FinishEvent(
+            reason=reason, text=self._output.final_text(), prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._output.completion_tokens,
+            queue_wait_s=(self.admitted_at or now) - self.arrival,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
+            total_s=now - self.arrival,
+        )
+
+    def _next_ready(self) -> Event | None:
+        """The next event, if one can be had without waiting (called under `_cond`)."""
+        if not self._ready:
+            if self._done:
+                raise StopIteration
+            if not self._pushed:
+                return None
+            self._ready.extend(self._events_of(self._pushed.popleft()))
+        return self._ready.popleft()
 
     def __iter__(self) -> RequestHandle:
         return self
 
     def __next__(self) -> Event:
         with self._cond:
-            while (event := self._take()) is None:
+            while (event := self._next_ready()) is None:
                 self._cond.wait()
-        if isinstance(event, BaseException):
-            raise event
         return event
 
     def __aiter__(self) -> RequestHandle:
@@ -160,7 +239,7 @@ class RequestHandle:
         while True:
             with self._cond:
                 try:
-                    event = self._take()
+                    event = self._next_ready()
                 except StopIteration:
                     raise StopAsyncIteration from None
                 if event is None:
@@ -169,8 +248,6 @@ class RequestHandle:
             if event is None:
                 await flag.wait()
                 continue
-            if isinstance(event, BaseException):
-                raise event
             return event
 
     def result(self) -> FinishEvent:
@@ -190,18 +267,12 @@ class Request:
     spec: GenerationRequest
     handle: RequestHandle
     sampling: SamplingParams  # with max_new_tokens resolved
-    detokenizer: IncrementalDetokenizer
     sampler: Any  # server.sampling.RowSampler (holds torch state; kept opaque here)
-    slot: int = 0  # LoRA slot of its adapter; 0 = bare base
-    holds_pin: bool = False  # whether it still holds a pin on its adapter in the cache
-    arrival: float = field(default_factory=time.monotonic)
+    slot: int = 0  # LoRA slot of its adapter, set at admission; 0 = bare base
+    holds_pin: bool = False  # whether it holds a pin on its adapter in the cache
     status: RequestStatus = RequestStatus.WAITING
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    _output_ids: list[int] = field(default_factory=list)
-    _emitted_chars: int = 0
-    _stop_scanned: int = 0
-    _final_text: str | None = None
+    num_output_tokens: int = 0
+    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:
@@ -216,63 +287,11 @@ class Request:
         return len(self.spec.prompt_ids)
 
     @property
-    def output_ids(self) -> tuple[int, ...]:
-        return tuple(self._output_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self._output_ids)
-
-    @property
     def abort_requested(self) -> bool:
         deadline = self.spec.deadline
         return self.handle.cancelled or (deadline is not None and time.monotonic() >= deadline)
 
-    def append_output_token(self, token_id: int, *, is_eos: bool) -> bool:
-        """Record one generated token; return True when it hit a stop string."""
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        self._output_ids.append(token_id)
-        if is_eos:
-            return False
-        self.detokenizer.push(token_id)
-        return self._scan_stop() is not None
-
-    def _scan_stop(self) -> int | None:
-        text = self.detokenizer.text
-        found = check_stop(text, self.sampling.stop, self._stop_scanned)
-        self._stop_scanned = len(text)
-        if found.stop_at is not None:
-            self._final_text = text[: found.stop_at]
-        return found.stop_at
-
-    def finish(self, status: RequestStatus) -> None:
-        self.status = status
-        if self._final_text is None:
-            self.detokenizer.flush()
-            stop_at = self._scan_stop()
-            self._final_text = self.detokenizer.text if stop_at is None else self._final_text
-
-    def take_text_delta(self) -> str:
-        """Text that became safe to stream since the last call (all of it once finished)."""
-        if self._final_text is not None:
-            visible = self._final_text
-        else:
-            text = self.detokenizer.text
-            visible = text[: check_stop(text, self.sampling.stop, len(text)).safe_len]
-        delta = visible[self._emitted_chars :]
-        self._emitted_chars = max(self._emitted_chars, len(visible))
-        return delta
-
-    def finish_event(self, now: float) -> FinishEvent:
-        assert self.status.is_finished and self._final_text is not None
-        admitted = self.admitted_at if self.admitted_at is not None else now
-        return FinishEvent(
-            reason=_FINISH_REASON[self.status],
-            text=self._final_text,
-            prompt_tokens=self.prompt_len,
-            completion_tokens=self.num_output_tokens,
-            queue_wait_s=admitted - self.arrival,
-            ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
-            total_s=now - self.arrival,
-        )
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """The wire reason of a finished (non-error) status; None while it runs."""
+        return _FINISH_REASON.get(self.status)

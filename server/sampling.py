@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from server.errors import RowFailedError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -135,18 +137,39 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
-    """Next token for each row of `logits` (B, V); greedy rows share one argmax."""
-    tokens = torch.argmax(logits, dim=-1).tolist()  # (B,): the answer for plain-greedy rows
-    special = [i for i, row in enumerate(rows) if not row.plain_greedy]
+def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | RowFailedError]:
+    """Next token for each row of `logits` (B, V); greedy rows share one argmax.
+
+    A row whose logits are not finite (a damaged adapter) or whose sampling raises gets a
+    RowFailedError in its place; the other rows are unaffected.
+    """
+    # One device-to-host copy for both the greedy choice and the finiteness of every row.
+    picked, finite = torch.stack(
+        (torch.argmax(logits, dim=-1), torch.isfinite(logits).all(dim=-1).long())).tolist()
+    tokens: list[int | RowFailedError] = list(picked)
+    special = [i for i, row in enumerate(rows) if not row.plain_greedy or not finite[i]]
     if special:
         # The rows' generators and seen ids live on the CPU; one copy serves every such row.
         host = logits.float().cpu()
         for index in special:
-            tokens[index] = rows[index].choose(host[index])
+            tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
     for row, token in zip(rows, tokens, strict=True):
-        row.observe(token)
+        if isinstance(token, int):
+            row.observe(token)
     return tokens
+
+
+def _choose_alone(row: RowSampler, logits: torch.Tensor, finite: bool) -> int | RowFailedError:
+    if not finite:
+        return RowFailedError(
+            "the model produced non-finite logits for this request (a damaged adapter?); the "
+            "other requests of the batch were not affected")
+    try:
+        return row.choose(logits)
+    except Exception as exc:  # this row alone fails; the batch goes on
+        error = RowFailedError(f"sampling this request failed: {exc}")
+        error.__cause__ = exc
+        return error
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,24 @@
 """Continuous-batching bookkeeping: which requests wait, which run, and what one step does.
 
-Pure bookkeeping, no model and no torch: `schedule()` returns a `StepPlan` (running rows first,
-then waiting ones admitted up to `max_batch` and the prefill token budget);
+Pure bookkeeping, no model and no torch. `schedule()` returns a `StepPlan`: the running rows
+first, then waiting ones admitted in arrival order up to `max_batch` and the prefill token
+budget. A waiting request is admitted only when its adapter is resident, and it pins the adapter
+at admission (vLLM's `max_loras`): one whose adapter is not resident stays waiting
+(WAITING_FOR_ADAPTER) while the engine loads it, and the requests behind it go ahead. So a step
+never holds more distinct adapters than there are slots, and nobody fails for want of a slot.
 `update_from_output(plan, tokens)` appends each row's sampled token, decides who finished
-(end-of-sequence, stop string, length) and returns per-request outputs for the engine to emit.
+(end-of-sequence, length) and returns per-row outputs for the engine to emit.
 Only `add` is called from other threads; everything else runs on the engine thread.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Collection, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from server.errors import QueueFullError
 from server.request import Request, RequestStatus
@@ -34,6 +40,16 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+class Residency(Protocol):
+    """What the scheduler asks of the adapter cache and loader (fakes implement it in tests)."""
+
+    def try_pin(self, key: str) -> int | None:
+        """Pin a resident adapter and return its slot; None when it is not resident."""
+
+    def want(self, key: str, path: Path | None) -> None:
+        """Make sure a load of `key` is under way (idempotent)."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One step: decode `running` (already in the batch), prefill `admitted` (new rows)."""
@@ -51,24 +67,27 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class RequestOutput:
-    """What one row produced in a step: its token, newly streamable text, and whether it ended."""
+class RowOutput:
+    """What one row produced in a step: its token, or the error that ended it alone."""
 
     request: Request
     token_id: int
-    text_delta: str
-    finished: bool
+    is_eos: bool
+    error: BaseException | None = None
 
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, eos_token_ids: Collection[int], max_context: int
+        self, config: SchedulerConfig, eos_token_ids: Collection[int], max_context: int,
+        adapters: Residency,
     ) -> None:
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_context = max_context
-        self._lock = threading.Lock()  # guards `_waiting` against submitting threads
+        self.adapters = adapters
+        self._lock = threading.Lock()  # guards `_waiting` and `_wanted` against submitters
         self._waiting: deque[Request] = deque()
+        self._wanted: Counter[str] = Counter()  # adapter keys of waiting requests
         self.running: list[Request] = []
 
     @property
@@ -83,6 +102,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self.running)
 
+    def wanted_adapters(self) -> frozenset[str]:
+        """Adapters that waiting requests need: evicting one would only reload it."""
+        with self._lock:
+            return frozenset(self._wanted)
+
     def add(self, request: Request) -> None:
         """Queue a request (any thread); QueueFullError at once when `max_queue` wait already."""
         with self._lock:
@@ -92,85 +116,127 @@ class Scheduler:
                     "retry later"
                 )
             self._waiting.append(request)
+            if request.spec.adapter is not None:
+                self._wanted[request.spec.adapter] += 1
+
+    def _forget_wanted(self, request: Request) -> None:
+        key = request.spec.adapter
+        if key is not None:
+            self._wanted[key] -= 1
+            if not self._wanted[key]:
+                del self._wanted[key]
+
+    def _take_waiting(self, which: Callable[[Request], bool]) -> list[Request]:
+        """Remove and return the waiting requests for which `which` is true."""
+        with self._lock:
+            taken, kept = [], deque()
+            for request in self._waiting:
+                (taken if which(request) else kept).append(request)
+            if taken:
+                self._waiting = kept
+                for request in taken:
+                    self._forget_wanted(request)
+        return taken
 
     def drop_aborted_waiting(self) -> list[Request]:
         """Finish (as cancelled) waiting requests whose caller cancelled or whose deadline
         passed; return them so the engine can tell their callers."""
-        with self._lock:
-            aborted = [r for r in self._waiting if r.abort_requested]
-            if aborted:
-                self._waiting = deque(r for r in self._waiting if not r.abort_requested)
-        for request in aborted:
-            request.finish(RequestStatus.FINISHED_CANCELLED)
-        return aborted
+        taken = self._take_waiting(lambda r: r.abort_requested)
+        for request in taken:
+            request.status = RequestStatus.FINISHED_CANCELLED
+        return taken
+
+    def fail_waiting_for(self, key: str) -> list[Request]:
+        """Remove the requests waiting for adapter `key` (its load failed)."""
+        taken = self._take_waiting(lambda r: r.spec.adapter == key)
+        for request in taken:
+            request.status = RequestStatus.FINISHED_ERROR
+        return taken
 
     def schedule(self) -> StepPlan:
         """Running rows first, then admit waiting ones in arrival order while they fit."""
+        room = self.config.max_batch - len(self.running)
+        if room <= 0 or not self._waiting:
+            return StepPlan(running=tuple(self.running), admitted=())
         admitted: list[Request] = []
         budget = self.config.max_prefill_tokens
         with self._lock:
-            while self._waiting and len(self.running) + len(admitted) < self.config.max_batch:
-                candidate = self._waiting[0]
-                if admitted and candidate.prompt_len > budget:
-                    break
-                budget -= candidate.prompt_len
-                admitted.append(self._waiting.popleft())
+            kept: deque[Request] = deque()
+            for request in self._waiting:
+                if room == 0 or (admitted and request.prompt_len > budget):
+                    kept.append(request)
+                    continue
+                if not self._admit(request):
+                    kept.append(request)
+                    continue
+                self._forget_wanted(request)
+                admitted.append(request)
+                budget -= request.prompt_len
+                room -= 1
+            self._waiting = kept
         return StepPlan(running=tuple(self.running), admitted=tuple(admitted))
+
+    def _admit(self, request: Request) -> bool:
+        """Pin the request's adapter if it is resident; otherwise make sure it is loading."""
+        key = request.spec.adapter
+        if key is None:
+            return True
+        slot = self.adapters.try_pin(key)
+        if slot is None:
+            request.status = RequestStatus.WAITING_FOR_ADAPTER
+            self.adapters.want(key, request.spec.adapter_path)
+            return False
+        request.slot, request.holds_pin = slot, True
+        return True
 
     def abort_running(self, plan: StepPlan) -> list[Request]:
         """Finish (as cancelled) rows of `plan` whose caller left or whose deadline passed
         while the step ran; their tokens from this step are discarded."""
         aborted = [r for r in plan.rows if not r.status.is_finished and r.abort_requested]
         for request in aborted:
-            request.finish(RequestStatus.FINISHED_CANCELLED)
-        self._drop_finished()
+            request.status = RequestStatus.FINISHED_CANCELLED
         return aborted
 
     def update_from_output(
-        self, plan: StepPlan, tokens: Mapping[Request, int], now: float
-    ) -> list[RequestOutput]:
-        """Append each live row's token, finish who is done, return what to emit."""
-        outputs = []
+        self, plan: StepPlan, tokens: Mapping[Request, int | BaseException],
+    ) -> list[RowOutput]:
+        """Append each live row's token, finish who is done, return what to emit. A row whose
+        sampling failed finishes alone with its error."""
         for request in plan.admitted:
             if not request.status.is_finished:
                 request.status = RequestStatus.RUNNING
-                request.admitted_at = request.admitted_at or now
                 self.running.append(request)
+        outputs = []
         for request in plan.rows:
             if request.status.is_finished:
                 continue
             token = tokens[request]
-            status = self._append(request, token)
-            if status is not None:
-                request.finish(status)
-            outputs.append(
-                RequestOutput(request, token, request.take_text_delta(), status is not None)
-            )
-        self._drop_finished()
+            if isinstance(token, BaseException):
+                request.status = RequestStatus.FINISHED_ERROR
+                outputs.append(RowOutput(request, -1, False, token))
+                continue
+            is_eos = token in self.eos_token_ids and not request.sampling.ignore_eos
+            request.num_output_tokens += 1
+            request.status = self._status_after(request, is_eos)
+            outputs.append(RowOutput(request, token, is_eos))
+        self.running = [r for r in self.running if not r.status.is_finished]
         return outputs
 
-    def _append(self, request: Request, token: int) -> RequestStatus | None:
-        """Record `token`; return the finished status it leads to, if any."""
-        is_eos = token in self.eos_token_ids and not request.sampling.ignore_eos
-        if request.append_output_token(token, is_eos=is_eos) or is_eos:
+    def _status_after(self, request: Request, is_eos: bool) -> RequestStatus:
+        if is_eos:
             return RequestStatus.FINISHED_STOPPED
         produced = request.num_output_tokens
         if produced >= request.sampling.max_new_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.prompt_len + produced >= self.max_context:
             return RequestStatus.FINISHED_LENGTH
-        return None
+        return RequestStatus.RUNNING
 
     def take_running(self) -> list[Request]:
-        """Remove and return every running request (a failed step, or shutdown)."""
+        """Remove and return every running request (shutdown)."""
         running, self.running = self.running, []
         return running
 
     def take_waiting(self) -> list[Request]:
         """Remove and return every waiting request (shutdown)."""
-        with self._lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        return waiting
-
-    def _drop_finished(self) -> None:
-        self.running = [r for r in self.running if not r.status.is_finished]
+        return self._take_waiting(lambda _: True)

@@ -18,6 +18,7 @@ from server.errors import (
     AdapterCapacityError,
     AdapterInUseError,
     AdapterLoadError,
+    AdapterSlotsBusyError,
     AdapterTooLargeError,
 )
 from server.lora import LoraStack
@@ -234,3 +235,23 @@ def test_a_load_in_progress_counts_against_the_budget_until_added_or_released():
 def test_without_a_budget_only_the_slots_limit():
     cache = _filled(AdapterCache(capacity=2), {"a@1": 10**12, "b@1": 10**12})
     assert cache.reserve_slot(10**12, "c@1")[1] == ["a@1"]
+
+
+def test_adapters_wanted_by_waiting_requests_are_not_evicted():
+    cache = _filled(AdapterCache(capacity=2), {"a@1": 10, "b@1": 10})
+    assert cache.reserve_slot(10, "c@1", protected={"a@1"})[1] == ["b@1"]  # a is LRU but wanted
+
+
+def test_when_every_slot_is_held_the_refusal_says_room_may_free_up():
+    cache = _filled(AdapterCache(capacity=2), {"a@1": 10, "b@1": 10})
+    cache.pin("a@1")
+    with pytest.raises(AdapterSlotsBusyError, match="retry when they finish"):
+        cache.reserve_slot(10, "c@1", protected={"b@1"})
+    assert set(cache.info()) == {"a@1", "b@1"}
+
+
+def test_try_pin_pins_a_loaded_adapter_and_answers_none_for_others():
+    cache = _filled(AdapterCache(capacity=2), {"a@1": 10})
+    slot = cache.try_pin("a@1")
+    assert slot is not None and cache.info()["a@1"].in_flight == 1
+    assert cache.try_pin("b@1") is None

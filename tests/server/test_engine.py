@@ -1,11 +1,13 @@
 """The engine end to end on the real tiny 4-bit base: batching invariance, PEFT parity, joins,
-cancellation, deadlines, queue limits, adapter pins and eviction, the adapter size limit and
-memory budget, scoring, observer hooks."""
+chunked prefill, cancellation, deadlines, queue limits, KV rows, adapters admitted by the
+scheduler (more adapters than slots), eviction that spares needed adapters, the adapter size
+limit and memory budget, a failing row failing alone, scoring, observer hooks."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,11 @@ from server.engine import Engine, EngineConfig, GenerationRequest
 from server.errors import (
     AdapterCapacityError,
     AdapterInUseError,
+    AdapterLoadError,
     AdapterTooLargeError,
     InvalidArgumentError,
     QueueFullError,
+    RowFailedError,
     UnavailableError,
 )
 from server.request import FinishEvent, RequestHandle, TokenEvent
@@ -214,10 +218,24 @@ def test_unknown_adapter_and_bad_token_ids_are_refused_at_submit(engine, prompts
 def test_observer_sees_loads_steps_and_tokens(engine, prompts):
     observer = engine.observer
     assert {c[0] for c in observer.named("on_adapter_loaded")} >= {"alpha@1", "alpha@2", "beta@1"}
-    before = len(observer.named("on_token"))
+    before = sum(n for adapter, n in observer.named("on_tokens") if adapter == "beta@1")
     tokens, _ = _collect(engine.submit(_request("obs", prompts[3], "beta@1", 5, ignore_eos=True)))
-    assert len(observer.named("on_token")) - before == len(tokens) == 5
+    after = sum(n for adapter, n in observer.named("on_tokens") if adapter == "beta@1")
+    assert after - before == len(tokens) == 5
     assert any(step[0] > 0 for step in observer.named("on_step"))
+
+
+def test_rows_take_a_kv_row_when_admitted_and_give_it_back_when_they_leave(engine, prompts):
+    handles = [engine.submit(_request(f"kv{i}", prompts[i], ADAPTERS[i % 4], 3 + 5 * i,
+                                      ignore_eos=True)) for i in range(6)]
+    for handle in handles:
+        _collect(handle)
+    # Read between two engine steps: the finish reaches the caller before the row is freed.
+    rows, used = engine._call(lambda: (engine.runner.num_rows,
+                                       int(engine.runner.lengths.count_nonzero())))
+    assert rows == 0 and used == 0  # every row given back, each pointing at column 0 again
+    stats = engine.stats()
+    assert stats.steps > 0 and 0 < stats.forward_seconds <= stats.step_seconds
 
 
 def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):
@@ -231,14 +249,14 @@ def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapter
             list(handle)
 
 
-def test_eviction_never_evicts_pinned_adapters(tiny_base, adapters_root):
+def test_eviction_spares_adapters_that_waiting_or_running_requests_need(tiny_base, adapters_root):
     engine = _new_engine(tiny_base, adapters_root, ["alpha@1", "beta@1"], max_loaded_adapters=2)
-    engine.submit(_request("pin", [5, 6, 7], "alpha@1", 4))  # waits (engine not started): pinned
+    engine.submit(_request("wants", [5, 6, 7], "alpha@1", 4))  # waits (not started): wanted
     engine.score([5, 6], [7], "beta@1")  # beta is now the most recently used, alpha the least
     engine.load_adapter("alpha@2", _adapter_dir(adapters_root, "alpha@2"))
     assert set(engine.loaded_adapters()) == {"alpha@1", "alpha@2"}
     assert engine.observer.named("on_adapter_evicted") == [("beta@1",)]
-    engine.submit(_request("pin2", [5, 6, 7], "alpha@2", 4))
+    engine.submit(_request("wants2", [5, 6, 7], "alpha@2", 4))
     with pytest.raises(AdapterCapacityError, match="in use"):
         engine.load_adapter("beta@1", _adapter_dir(adapters_root, "beta@1"))
     with pytest.raises(AdapterInUseError):
@@ -259,8 +277,96 @@ def test_oversized_weights_are_refused_and_the_memory_budget_evicts(tiny_base, a
                          adapter_memory_budget_bytes=one)
     assert set(engine.loaded_adapters()) == {"beta@1"}  # room for one: alpha@1 was evicted
     assert engine.observer.named("on_adapter_evicted") == [("alpha@1",)]
-    engine.submit(_request("pin", [5, 6, 7], "beta@1", 4))  # waits (engine not started): pinned
+    engine.submit(_request("wants", [5, 6, 7], "beta@1", 4))  # waits (not started): wanted
     with pytest.raises(AdapterCapacityError, match="adapter_memory_budget_bytes"):
         engine.load_adapter("alpha@2", _adapter_dir(adapters_root, "alpha@2"))
     assert set(engine.loaded_adapters()) == {"beta@1"}
     engine.shutdown()
+
+
+def _with_paths(requests: list[GenerationRequest], root: Path) -> list[GenerationRequest]:
+    return [replace(r, adapter_path=_adapter_dir(root, r.adapter)) if r.adapter else r
+            for r in requests]
+
+
+def test_more_adapters_than_slots_wait_for_a_slot_and_all_answer_right(
+        engine, prompts, tiny_base, adapters_root):
+    requests = _mixed_requests(prompts)[:12]
+    expected = [_collect(engine.submit(r))[0] for r in requests]
+    small = _new_engine(tiny_base, adapters_root, [], max_loaded_adapters=1)
+    small.start()
+    try:
+        handles = [small.submit(r) for r in _with_paths(requests, adapters_root)]
+        got = [_collect(h)[0] for h in handles]
+    finally:
+        small.shutdown()
+    assert got == expected  # every row answered by the adapter it asked for
+    loads = [c[0] for c in small.observer.named("on_adapter_loaded")]
+    assert set(loads) == {"alpha@1", "alpha@2", "beta@1"} and len(loads) >= 3
+
+
+def test_a_missing_adapter_fails_only_the_requests_waiting_for_it(engine, prompts, tmp_path):
+    missing = engine.submit(replace(_request("gone", prompts[0], "gone@1", 4),
+                                    adapter_path=tmp_path / "gone" / "1"))
+    fine = engine.submit(_request("fine", prompts[1], "alpha@1", 4, ignore_eos=True))
+    with pytest.raises(AdapterLoadError, match="not a directory"):
+        _collect(missing)
+    assert len(_collect(fine)[0]) == 4
+
+
+def test_chunked_prefill_gives_the_same_tokens(engine, prompts, tiny_base, adapters_root):
+    requests = _mixed_requests(prompts)[:8]
+    expected = [_collect(engine.submit(r))[0] for r in requests]
+    chunked = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"],
+                          max_loaded_adapters=4, prefill_chunk_tokens=3, max_prefill_tokens=8)
+    chunked.start()
+    try:
+        got = [_collect(h)[0] for h in [chunked.submit(r) for r in requests]]
+    finally:
+        chunked.shutdown()
+    assert got == expected
+
+
+def _poisoned(engine: Engine, root: Path, key: str) -> None:
+    """Install alpha@1's weights under `key` with NaN in one module: a damaged adapter."""
+    weights = engine._read(_adapter_dir(root, "alpha@1"))
+    next(iter(weights.modules.values())).a.fill_(float("nan"))
+    engine._install(key, weights, time.perf_counter())
+
+
+def test_a_row_with_non_finite_logits_fails_alone(engine, prompts, tiny_base, adapters_root):
+    requests = [_request(f"ok{i}", prompts[i], ADAPTERS[i], 12, ignore_eos=True)
+                for i in range(3)]
+    expected = [_collect(engine.submit(r))[0] for r in requests]
+    faulty = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2"], max_loaded_adapters=4)
+    _poisoned(faulty, adapters_root, "poison@1")
+    faulty.start()
+    try:
+        handles = [faulty.submit(r) for r in requests]
+        bad = faulty.submit(_request("bad", prompts[3], "poison@1", 12, ignore_eos=True))
+        with pytest.raises(RowFailedError, match="non-finite"):
+            _collect(bad)
+        assert [_collect(h)[0] for h in handles] == expected
+        assert faulty.loaded_adapters()["poison@1"].in_flight == 0
+    finally:
+        faulty.shutdown()
+
+
+def test_a_sampling_error_fails_that_row_alone(engine, prompts, monkeypatch):
+    from server.sampling import RowSampler
+
+    real_choose = RowSampler.choose
+
+    def choose(self, logits):
+        if self.params.seed == 13:
+            raise RuntimeError("injected sampling fault")
+        return real_choose(self, logits)
+
+    monkeypatch.setattr(RowSampler, "choose", choose)
+    greedy = [_request(f"g{i}", prompts[i], ADAPTERS[i], 10, ignore_eos=True) for i in range(3)]
+    expected = [_collect(engine.submit(r))[0] for r in greedy]
+    handles = [engine.submit(r) for r in greedy]
+    faulty = engine.submit(_request("f", prompts[4], "beta@1", 10, temperature=1.0, seed=13))
+    with pytest.raises(RowFailedError, match="injected sampling fault"):
+        _collect(faulty)
+    assert [_collect(h)[0] for h in handles] == expected
