@@ -5,8 +5,11 @@ min/max tokens for PEFT and `ignore_eos` for the engine):
   (1) the naive PEFT loop: one request at a time, `set_adapter` then `generate`;
   (2) PEFT's static mixed-adapter batch: one `generate(adapter_names=...)` for all 16;
   (3) the engine fed the same 16 requests at once (continuous batching, stacked LoRA);
-  (4) 16 requests over 16 distinct adapters vs 16 over one adapter, engine and PEFT batch.
-Prints a table and writes JSON with --out.
+  (4) 16 requests over 16 distinct adapters vs 16 over one adapter, engine and PEFT batch;
+  (5) 16 and 64 streams over 16 adapters and over 1: tok/s, the engine's own time per step
+      (everything but the model forward, timed apart by the engine) and, on CUDA, the bare
+      base's captured decode step at that batch (the graph floor) with the ratio to it.
+Runs on the machine's device (--device auto). Prints tables and writes JSON with --out.
 
     .venv/bin/python bench/bench_engine.py --base build/tiny-base --out bench_engine.json
 """
@@ -85,12 +88,12 @@ def chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
 # -- PEFT -------------------------------------------------------------------------------------
 
 
-def peft_model_with(base: Path, adapters: list[Path]) -> Any:
+def peft_model_with(base: Path, adapters: list[Path], device: str) -> Any:
     from peft import PeftModel
 
-    from common.modeling import load_base
+    from common.modeling import LoadOptions, load_base
 
-    model, _ = load_base(str(base))
+    model, _ = load_base(str(base), LoadOptions(device=device))
     peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
     for index, path in enumerate(adapters[1:], start=1):
         peft.load_adapter(str(path), adapter_name=f"a{index}")
@@ -129,13 +132,14 @@ def peft_mixed_batch(peft: Any, prompts: list[list[int]], names: list[str], leng
 # -- engine -----------------------------------------------------------------------------------
 
 
-def make_engine(base: Path, adapters: list[Path], max_batch: int) -> Any:
-    from common.modeling import load_base
+def make_engine(base: Path, adapters: list[Path], max_batch: int, device: str) -> Any:
+    from common.modeling import LoadOptions, load_base
     from server.engine import Engine, EngineConfig
 
-    model, tokenizer = load_base(str(base))
+    model, tokenizer = load_base(str(base), LoadOptions(device=device))
     engine = Engine(model, tokenizer, EngineConfig(
-        max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64))
+        max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64,
+        max_seq_len=1024))
     for index, path in enumerate(adapters):
         engine.load_adapter(f"bench{index}@1", path)
     engine.start()
@@ -148,13 +152,64 @@ def engine_run(engine: Any, prompts: list[list[int]], keys: list[str | None],
     from server.sampling import SamplingParams
 
     requests = [
-        GenerationRequest(f"b{i}", prompt, key, SamplingParams(length, ignore_eos=True))
+        GenerationRequest(f"b{i}", prompt, key, SamplingParams(max_new_tokens=length,
+                                                               ignore_eos=True))
         for i, (prompt, key, length) in enumerate(zip(prompts, keys, lengths, strict=True))
     ]
     started = time.perf_counter()
     handles = [engine.submit(r) for r in requests]
     tokens = sum(h.result().completion_tokens for h in handles)
     return Measurement(label, tokens, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    """`streams` concurrent answers of equal length over `adapters` adapters."""
+
+    streams: int
+    adapters: int
+    tokens_per_s: float
+    engine_ms_per_step: float  # step time minus model forward time, per step
+    forward_ms_per_step: float
+    floor_ms: float | None  # the bare base's captured decode step at this batch (CUDA)
+
+    @property
+    def vs_floor(self) -> float | None:
+        if self.floor_ms is None:
+            return None
+        return self.tokens_per_s / (self.streams / (self.floor_ms / 1e3))
+
+
+def stream_run(engine: Any, prompts: list[list[int]], streams: int, adapters: int,
+               tokens: int, floor_ms: float | None) -> StreamRun:
+    keys = [f"bench{i % adapters}@1" for i in range(streams)]
+    cycled = [prompts[i % len(prompts)] for i in range(streams)]
+    before = engine.stats()
+    measured = engine_run(engine, cycled, keys, [tokens] * streams, "streams")
+    after = engine.stats()
+    steps = after.steps - before.steps
+    forward = after.forward_seconds - before.forward_seconds
+    own = (after.step_seconds - before.step_seconds) - forward
+    return StreamRun(streams, adapters, measured.tokens_per_s, own / steps * 1e3,
+                     forward / steps * 1e3, floor_ms)
+
+
+def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace,
+                 floors: dict[int, float]) -> list[StreamRun]:
+    runs = []
+    for streams in args.streams:
+        for adapters in (args.stream_adapters, 1):
+            runs.append(stream_run(engine, prompts, streams, adapters, args.mix_tokens,
+                                   floors.get(streams)))
+    print(f"\n{'streams':>7} {'adapters':>8} {'tok/s':>9} {'engine ms/step':>15} "
+          f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9}")
+    for run in runs:
+        floor = "-" if run.floor_ms is None else f"{run.floor_ms:.2f}"
+        ratio = "-" if run.vs_floor is None else f"{run.vs_floor:.2f}"
+        print(f"{run.streams:7d} {run.adapters:8d} {run.tokens_per_s:9.1f} "
+              f"{run.engine_ms_per_step:15.3f} {run.forward_ms_per_step:16.3f} {floor:>9} "
+              f"{ratio:>9}")
+    return runs
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -180,23 +235,33 @@ def ensure_base(base: Path | None, work: Path) -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     base = ensure_base(args.base, args.work)
-    from common.modeling import load_tokenizer
+    from common.modeling import load_tokenizer, resolve_device
 
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(str(base))
     count = args.requests
     prompts = chat_prompts(tokenizer, count)
     lengths = answer_lengths(count, args.min_tokens, args.max_tokens)
+    floors = {}
+    if device == "cuda":
+        from graph_floor import decode_floor_ms
+
+        floors = decode_floor_ms(base, list(args.streams))
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = write_adapters(base, Path(tmp), count, args.rank)
+        adapters = write_adapters(base, Path(tmp), max(count, args.stream_adapters), args.rank)
         four = [i % args.adapters for i in range(count)]
-        peft = peft_model_with(base, adapters)
-        engine = make_engine(base, adapters, args.max_batch)
+        peft = peft_model_with(base, adapters[:count], device)
+        engine = make_engine(base, adapters, max(args.max_batch, *args.streams), device)
         try:
             engine_run(engine, prompts[:2], ["bench0@1", None], [4, 4], "warm-up")
             naive_loop(peft, prompts[:1], ["a0"], [4])
             results = measure(engine, peft, prompts, lengths, four, tokenizer.pad_token_id, args)
+            streams = stream_table(engine, prompts, args, floors)
         finally:
             engine.shutdown()
+    results["device"] = device
+    results["graph_capture_s"] = engine.graph_capture_seconds
+    results["streams"] = [{**asdict(r), "vs_floor": r.vs_floor} for r in streams]
     return results
 
 
@@ -237,7 +302,9 @@ def measure(engine: Any, peft: Any, prompts: list[list[int]], lengths: list[int]
         "engine_16_adapters_vs_1": distinct.tokens_per_s / one.tokens_per_s,
         "peft_16_adapters_vs_1": peft_distinct.tokens_per_s / peft_one.tokens_per_s,
     }
-    print(f"engine / naive loop: {summary['engine_vs_naive']:.2f}x (target >= 8)")
+    print(f"engine / naive loop: {summary['engine_vs_naive']:.2f}x (target >= 8); "
+          f"engine / PEFT static batch: {summary['engine_vs_peft_mixed_batch']:.2f}x "
+          "(target >= 3)")
     print(f"engine 16 adapters / 1 adapter: {summary['engine_16_adapters_vs_1']:.2f} "
           f"(target >= 0.7); PEFT batch: {summary['peft_16_adapters_vs_1']:.2f}")
     return {
@@ -267,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer length in the 16-adapters vs 1-adapter comparison")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the base runs (auto: CUDA when there is one)")
+    parser.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[16, 64], help="concurrent streams to measure, e.g. 16,64")
+    parser.add_argument("--stream-adapters", type=int, default=16,
+                        help="adapters the streams are spread over (and 1, for the ratio)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="repeat every measurement; each reports its fastest round")
     args = parser.parse_args(argv)

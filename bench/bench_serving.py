@@ -5,7 +5,10 @@
   (b) the same 16 streams through gRPC vs the raw in-process engine fed the same rows;
   (c) 16 streams over 16 distinct adapters vs 16 streams over one adapter, through gRPC;
   (d) LoadAdapter latency (p50, p95 over distinct versions) and the p99 request latency while
-      new versions are loaded and an alias is moved under 16 streams vs the same load steady.
+      new versions are loaded and an alias is moved under 16 streams vs the same load steady;
+  (e) 16 and 64 streams over 16 adapters through gRPC and, on CUDA, the bare base's captured
+      decode step at that batch (the graph floor) with the ratio to it.
+The server, the raw engine and PEFT run on the machine's device (--device auto).
 
 The API has no `ignore_eos`, so answer lengths are fixed by choosing, per adapter, prompts whose
 greedy answers run past max_new_tokens (`calibrate`, on the raw engine, before any measurement);
@@ -436,45 +439,73 @@ def measure(s: Setup) -> dict[str, Any]:
     }
 
 
+def stream_rows(s: Setup, floors: dict[int, float]) -> list[dict[str, Any]]:
+    """(e): each stream count over `--stream-adapters` adapters, with the floor ratio."""
+    rows = []
+    for streams in s.args.streams:
+        keys = [f"bench{i % s.args.stream_adapters}@1" for i in range(streams)]
+        measured, _ = grpc_streams(s.target, s.jobs(keys, [s.args.mix_tokens] * streams),
+                                   f"gRPC, {streams} streams over {s.args.stream_adapters}")
+        floor = floors.get(streams)
+        ratio = None if floor is None else measured.tokens_per_s / (streams / (floor / 1e3))
+        rows.append({"streams": streams, "adapters": s.args.stream_adapters,
+                     "tokens_per_s": measured.tokens_per_s, "floor_ms": floor,
+                     "vs_floor": ratio})
+        shown = "-" if ratio is None else f"{ratio:.2f} of the graph floor ({floor:.2f} ms)"
+        print(f"(e) {streams} streams over {s.args.stream_adapters} adapters: "
+              f"{measured.tokens_per_s:.1f} tok/s; {shown}")
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.modeling import load_tokenizer
+    from common.modeling import load_tokenizer, resolve_device
     from server.app import start_in_thread
     from server.config import ServerConfig
 
     torch.set_num_threads(args.threads)
     base = ensure_base(args.base, args.work)
+    device = resolve_device(args.device)
+    floors = {}
+    if device == "cuda":
+        from graph_floor import decode_floor_ms
+
+        floors = decode_floor_ms(base, list(args.streams))
     tokenizer = load_tokenizer(str(base))
     count = args.requests
+    written = max(count, args.stream_adapters)  # adapters on disk: (a)-(d) and (e) need these
     lengths = answer_lengths(count, args.min_tokens, args.max_tokens)
     four = [i % args.adapters for i in range(count)]
     swap_versions = 1 + args.rounds * (args.loads + args.swaps)
     # (a)/(b) rows need answers of up to max_tokens under the first adapters; (c)/(d) mix_tokens.
     per_adapter = -(-count // args.adapters)
     needs = {f"bench{i}@1": (args.max_tokens, per_adapter) if i < args.adapters
-             else (args.mix_tokens, 1) for i in range(count)}
+             else (args.mix_tokens, 1) for i in range(written)}
     needs["bench0@1"] = (max(args.max_tokens, args.mix_tokens), per_adapter)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        adapters = build_adapters_root(base, root, count, args.rank, swap_versions)
-        peft = peft_model_with(base, adapters[:args.adapters])
-        engine = make_engine(base, adapters, args.max_batch)
+        adapters = build_adapters_root(base, root, written, args.rank, swap_versions)
+        peft = peft_model_with(base, adapters[:args.adapters], device)
+        engine = make_engine(base, adapters, args.max_batch, device)
         server = start_in_thread(ServerConfig(
-            base=str(base), adapters_root=root, port=0, device="cpu", max_batch=args.max_batch,
-            max_loaded_adapters=count + 4, max_lora_rank=64))
+            base=str(base), adapters_root=root, port=0, device=device,
+            max_batch=max(args.max_batch, *args.streams), context_length=1024,
+            max_loaded_adapters=written + 4, max_lora_rank=64))
         try:
             started = time.perf_counter()
             found = calibrate(engine, tokenizer, needs)
             print(f"calibrated prompts in {time.perf_counter() - started:.1f} s")
             s = Setup(server.target, engine, peft, tokenizer, found, lengths, four, args)
-            asyncio.run(_admin(s.target, [("load", f"bench{i}@1", "") for i in range(count)]))
+            asyncio.run(_admin(s.target, [("load", f"bench{i}@1", "") for i in range(written)]))
             grpc_streams(s.target, s.jobs([f"bench{i}@1" for i in four], lengths), "warm-up")
             warm = s.ids(["bench0@1"] * 2, [4, 4])
             engine_run(engine, warm, ["bench0@1", None], [4, 4], "warm-up")
             naive_loop(peft, warm[:1], ["a0"], [4])
             results = measure(s)
+            results["streams"] = stream_rows(s, floors)
         finally:
             server.stop()
             engine.shutdown()
+    results["device"] = device
     results["calibration"] = {key: {"tokens": needs[key][0], "answer_lengths": found[key]}
                               for key in needs}
     return results
@@ -496,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_new_tokens in (c) and (d)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the server, engine and PEFT run (auto: CUDA when present)")
+    parser.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[16, 64], help="(e): concurrent streams, e.g. 16,64")
+    parser.add_argument("--stream-adapters", type=int, default=16,
+                        help="(e): adapters the streams are spread over")
     parser.add_argument("--rounds", type=int, default=2,
                         help="repeat every section; each reports its best round")
     parser.add_argument("--loads", type=int, default=10, help="(d): LoadAdapter calls per round")

@@ -22,6 +22,7 @@ from clients.client import (
     PemPath,
     RetryPolicy,
     open_channel,
+    retry_wait,
     should_retry,
 )
 from clients.errors import SwitchboardRpcError
@@ -114,7 +115,7 @@ class AsyncSwitchboardClient:
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
-            wait = self.retry_policy.delay(attempt)
+            wait = retry_wait(err, attempt, self.retry_policy)
             if not (should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)):
                 raise err
             await asyncio.sleep(wait)
@@ -140,7 +141,7 @@ class AsyncSwitchboardClient:
             finally:
                 # Runs on aclose() too: the consumer stopped, so the server may stop.
                 call.cancel()
-            wait = self.retry_policy.delay(attempt)
+            wait = retry_wait(err, attempt, self.retry_policy)
             retry = should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)
             if yielded or not retry:
                 raise err

@@ -7,6 +7,9 @@ refused for want of a key (or of an admin key) says so on that line.
 
 The security options (`--api-key`, `--tls`, `--ca-cert`, `--client-cert`, `--client-key`) and the
 error line are shared with the `evalsuite` CLI; the key's environment variable is read in `main`.
+A call refused by a key's rate limit is retried after the server's `retry-after` (up to three
+times, within --timeout), and the error line says the wait. `switchboard audit FILE` prints the
+server's audit trail (server/audit.py writes it) without contacting the server.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def add_security_options(parser: argparse.ArgumentParser, *, key_help: str = "")
     group.add_argument("--api-key", default=None, metavar="KEY",
                        help=f"key sent with every call (default: ${API_KEY_ENV}, which keeps it "
                        "out of the process list). " + (key_help or "Chat and score need an API "
-                       "key; adapters and sessions commands need an admin key."))
+                       "key; adapters commands need an admin key; sessions commands show an API "
+                       "key its own sessions and an admin key every session."))
     group.add_argument("--tls", action="store_true",
                        help="connect with TLS, trusting the system's CAs (implied by --ca-cert "
                        "and --client-cert)")
@@ -67,9 +71,12 @@ def security_kwargs(args: argparse.Namespace, env_api_key: str | None) -> dict[s
 
 
 def describe_error(err: SwitchboardRpcError) -> str:
-    """`CODE: details`, with what the call needs when the server refused it for its key."""
+    """`CODE: details`, with what the call needs when the server refused it for its key, and
+    the wait the server asked for when it sent one."""
     hint = AUTH_HINTS.get(err.code)
-    return f"{err.code}: {hint}: {err.details}" if hint else f"{err.code}: {err.details}"
+    line = f"{err.code}: {hint}: {err.details}" if hint else f"{err.code}: {err.details}"
+    retry_after = getattr(err, "retry_after_s", None)
+    return line if retry_after is None else f"{line} (retry after {retry_after:g} s)"
 
 
 # ---------------------------------------------------------------------- output helpers
@@ -320,9 +327,9 @@ def _cmd_sessions_list(client: SwitchboardClient, args: argparse.Namespace) -> i
     if args.json:
         _print_json([s.to_dict() for s in sessions])
         return 0
-    rows = [[s.session_id, s.message_count, _when(s.created_unix), _when(s.updated_unix)]
-            for s in sessions]
-    _print_table(["SESSION", "MESSAGES", "CREATED", "UPDATED"], rows)
+    rows = [[s.session_id, s.message_count, _when(s.created_unix), _when(s.updated_unix),
+             s.owner or "-"] for s in sessions]
+    _print_table(["SESSION", "MESSAGES", "CREATED", "UPDATED", "OWNER"], rows)
     return 0
 
 
@@ -361,6 +368,40 @@ def _cmd_sessions_export(client: SwitchboardClient, args: argparse.Namespace) ->
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"exported {len(lines)} sessions to {args.output}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- audit trail
+
+AUDIT_FIELDS = ("time", "who", "action", "target", "outcome", "detail")
+
+
+def _audit_entries(path: str) -> list[dict[str, Any]]:
+    """The JSON lines of an audit trail; ValueError naming the line that is not JSON."""
+    entries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number} is not a JSON line ({e.msg}); is this the "
+                                 "server's --audit-log file?") from None
+    return entries
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Print the trail, oldest first, filtered by key name, action and outcome."""
+    entries = [e for e in _audit_entries(args.file)
+               if (not args.who or e.get("who") == args.who)
+               and (not args.action or str(e.get("action", "")).startswith(args.action))
+               and (not args.failed or e.get("outcome") != "OK")]
+    if args.json:
+        _print_json(entries)
+        return 0
+    _print_table([f.upper() for f in AUDIT_FIELDS],
+                 [[str(e.get(f, "")) or "-" for f in AUDIT_FIELDS] for e in entries])
     return 0
 
 
@@ -481,6 +522,15 @@ def _add_others(sub: Any, common: argparse.ArgumentParser) -> None:
     score.add_argument("--adapter", default="", help="name, name@version or alias")
     score.add_argument("--system", default="", help="system prompt before the question")
     score.set_defaults(handler=_cmd_score)
+    audit = sub.add_parser("audit", help="print a server's audit trail (its --audit-log file)")
+    audit.add_argument("file", metavar="FILE", help="the server's --audit-log file")
+    audit.add_argument("--who", default="", metavar="NAME", help="only this key's actions")
+    audit.add_argument("--action", default="", metavar="PREFIX",
+                       help="only actions starting with this (adapter., alias.set, session., "
+                            "keys.)")
+    audit.add_argument("--failed", action="store_true", help="only refused or failed actions")
+    audit.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    audit.set_defaults(local=_cmd_audit)
     sub.add_parser("serve", add_help=False,
                    help="run the server (same as `switchboard-server serve`; see --help there)")
 
@@ -511,6 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         exec_server(argv[1:])
         return 0  # only reached when execv is replaced (tests)
     args = build_parser(os.environ.get("SWITCHBOARD_TARGET", DEFAULT_TARGET)).parse_args(argv)
+    if hasattr(args, "local"):  # reads a local file; no server, no key
+        try:
+            return args.local(args)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
 
     from clients.client import SwitchboardClient
     from clients.errors import SwitchboardRpcError

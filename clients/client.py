@@ -2,7 +2,9 @@
 
 Every call returns a plain dataclass from `clients.types` and raises only
 `clients.errors.SwitchboardRpcError`. A call's `timeout` is one deadline over all its attempts:
-retries never stretch it. A stream is retried only while it has yielded nothing.
+retries never stretch it. A stream is retried only while it has yielded nothing. Besides
+UNAVAILABLE, a RESOURCE_EXHAUSTED that carries `retry-after` (a key over its rate limit) is
+retried after exactly that wait, when the deadline and the retry count allow it.
 
 `ClientSecurity` (shared with the asyncio client) turns the security options into channel
 credentials (TLS, mutual TLS) and the metadata every call carries (`authorization: Bearer KEY`).
@@ -185,7 +187,13 @@ class Deadline:
 
 
 def should_retry(err: SwitchboardRpcError, attempt: int, policy: RetryPolicy) -> bool:
-    return err.code in RETRYABLE_CODES and attempt < policy.retries
+    told_when = err.code == "RESOURCE_EXHAUSTED" and err.retry_after_s is not None
+    return (err.code in RETRYABLE_CODES or told_when) and attempt < policy.retries
+
+
+def retry_wait(err: SwitchboardRpcError, attempt: int, policy: RetryPolicy) -> float:
+    """The server's `retry-after` when it sent one, else the policy's jittered backoff."""
+    return err.retry_after_s if err.retry_after_s is not None else policy.delay(attempt)
 
 
 class ChatStream(Iterator[ChatChunk]):
@@ -258,7 +266,7 @@ class SwitchboardClient:
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
-            wait = self.retry_policy.delay(attempt)
+            wait = retry_wait(err, attempt, self.retry_policy)
             if not (should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)):
                 raise err
             time.sleep(wait)
@@ -282,7 +290,7 @@ class SwitchboardClient:
             finally:
                 # Runs on GeneratorExit too: the consumer stopped, so the server may stop.
                 call.cancel()
-            wait = self.retry_policy.delay(attempt)
+            wait = retry_wait(err, attempt, self.retry_policy)
             retry = should_retry(err, attempt, self.retry_policy) and deadline.allows_wait(wait)
             if yielded or not retry:
                 raise err

@@ -214,13 +214,15 @@ class SessionInfo:
     message_count: int
     created_unix: float
     updated_unix: float
+    owner: str = ""  # key id of the creating key ("" = no one: admin-only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_pb(cls, msg: pb.SessionInfo) -> SessionInfo:
-        return cls(msg.session_id, msg.message_count, msg.created_unix, msg.updated_unix)
+        return cls(msg.session_id, msg.message_count, msg.created_unix, msg.updated_unix,
+                   msg.owner)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ class Session:
     summary: str
     created_unix: float
     updated_unix: float
+    owner: str = ""  # key id of the creating key ("" = no one: admin-only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,7 +242,8 @@ class Session:
     @classmethod
     def from_pb(cls, msg: pb.Session) -> Session:
         messages = [{"role": m.role, "content": m.content} for m in msg.messages]
-        return cls(msg.session_id, messages, msg.summary, msg.created_unix, msg.updated_unix)
+        return cls(msg.session_id, messages, msg.summary, msg.created_unix, msg.updated_unix,
+                   msg.owner)
 
 
 def _ref(name: str, version: int) -> str:
@@ -267,10 +271,11 @@ def truncation_to_pb(strategy: str) -> int:
         raise ValueError(f"truncation must be one of {allowed}, got {strategy!r}") from None
 
 
-def messages_to_pb(messages: MessagesLike) -> list[pb.Message]:
-    """Accept a bare string (one user message), dicts, or objects with `role` and `content`."""
+def message_dicts(messages: MessagesLike) -> list[dict[str, str]]:
+    """Accept a bare string (one user message), dicts, or objects with `role` and `content`;
+    give OpenAI-style {"role", "content"} dicts (the HTTP transport sends them as they are)."""
     if isinstance(messages, str):
-        return [pb.Message(role="user", content=messages)]
+        return [{"role": "user", "content": messages}]
     out = []
     for m in messages:
         if isinstance(m, Mapping):
@@ -279,8 +284,12 @@ def messages_to_pb(messages: MessagesLike) -> list[pb.Message]:
             role, content = getattr(m, "role", None), getattr(m, "content", None)
         if not isinstance(role, str) or not isinstance(content, str):
             raise TypeError(f"messages must have string 'role' and 'content', got {m!r}")
-        out.append(pb.Message(role=role, content=content))
+        out.append({"role": role, "content": content})
     return out
+
+
+def messages_to_pb(messages: MessagesLike) -> list[pb.Message]:
+    return [pb.Message(**m) for m in message_dicts(messages)]
 
 
 class ChatOptions(TypedDict, total=False):

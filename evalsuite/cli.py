@@ -1,7 +1,9 @@
-"""`evalsuite`: replay test sets against adapters (`run`) and promote a gated candidate (`promote`).
+"""`evalsuite`: replay test sets against adapters (`run`), promote a gated candidate (`promote`),
+and have people rate candidate and baseline blind, side by side (`ab`, see `evalsuite.ab.cli`).
 
 Exit codes, for CI: 0 every candidate passed (or the promotion happened), 1 a regression (or the
-promotion was refused), 2 an error (bad arguments, unreadable files, server unreachable, a key the
+promotion was refused; without `--gate`, a significant regression of ROUGE-L, chrF, perplexity or
+the failure rate), 2 an error (bad arguments, unreadable files, server unreachable, a key the
 server refused, an adapter the server cannot resolve, or an adapter that answered no turn at all).
 
 Both commands take the `switchboard` CLI's security options (`--api-key`, default
@@ -26,9 +28,14 @@ from clients.aio import AsyncSwitchboardClient
 from clients.cli import API_KEY_ENV, add_security_options, describe_error, security_kwargs
 from clients.client import ClientSecurity, SwitchboardClient
 from clients.errors import SwitchboardRpcError
+from clients.http import AsyncHttpClient
+from clients.transport import async_client_for
 from common.data import DataError
+from evalsuite.ab.cli import add_ab_commands
+from evalsuite.ab.errors import RatingSetError
 from evalsuite.cache import ResultCache
-from evalsuite.gate import Gate, GateError, load_gate
+from evalsuite.exitcodes import EXIT_ERROR, EXIT_PASS, EXIT_REGRESSION
+from evalsuite.gate import DEFAULT_GATE_FILE, Gate, GateError, default_gate, load_gate
 from evalsuite.promote import PromotionRefused, promote
 from evalsuite.replay import (
     BASE,
@@ -45,7 +52,7 @@ from evalsuite.report import RunInfo, build_report, comparison_table, write_repo
 from evalsuite.stats import BootstrapConfig
 from evalsuite.testsets import EvalConversation, dataset_fingerprint, load_testset
 
-EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+NO_GATE = "none"
 
 
 class UsageError(Exception):
@@ -55,7 +62,9 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- run
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="server address HOST:PORT")
+    p.add_argument("--target", required=True,
+                   help="server address HOST:PORT (gRPC), or http(s)://HOST:PORT for the "
+                        "OpenAI-compatible HTTP face")
     p.add_argument("--testset", required=True, action="append", type=Path,
                    help="test file (JSONL: OpenAI messages, ShareGPT, Alpaca or MT-bench); "
                         "repeat for several")
@@ -64,7 +73,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default="",
                    help="what candidates are compared with (default: __base__ if listed, "
                         "else the first adapter); added to --adapters if missing")
-    p.add_argument("--gate", type=Path, help="gate YAML with per-metric limits")
+    p.add_argument("--gate", default=None,
+                   help="gate YAML with per-metric limits; `none`: report only. Without it, "
+                        "the run fails when rougeL, chrf, perplexity or failure_rate gets "
+                        "significantly worse (p < 0.05)")
     p.add_argument("--mode", choices=MODES, default="reference",
                    help="reference: the test set's history; free: the adapter's own answers")
     p.add_argument("--concurrency", type=int, default=4, help="conversations in flight")
@@ -119,7 +131,7 @@ class RunSettings:
         return cls(tuple(adapters), baseline, sampling, boot)
 
 
-async def _resolve_all(client: AsyncSwitchboardClient, requested: Sequence[str],
+async def _resolve_all(client: AsyncSwitchboardClient | AsyncHttpClient, requested: Sequence[str],
                        timeout: float) -> list[ResolvedAdapter]:
     resolved = []
     for ref in requested:
@@ -135,8 +147,7 @@ async def _resolve_all(client: AsyncSwitchboardClient, requested: Sequence[str],
 async def _replay(args: argparse.Namespace, settings: RunSettings,
                   conversations: Sequence[EvalConversation]
                   ) -> tuple[list[ResolvedAdapter], dict[str, list[ConversationResult]]]:
-    async with AsyncSwitchboardClient(args.target, timeout=args.timeout,
-                                      **args.security) as client:
+    async with async_client_for(args.target, timeout=args.timeout, **args.security) as client:
         adapters = await _resolve_all(client, settings.adapters, args.timeout)
         plan = ReplayPlan(adapters=adapters, conversations=conversations, mode=args.mode,
                           sampling=settings.sampling, concurrency=args.concurrency,
@@ -166,9 +177,18 @@ def _check_answered(results: dict[str, list[ConversationResult]]) -> None:
             raise UsageError(f"{key} answered no turn at all (status codes: {codes})")
 
 
+def _gate(choice: str | None) -> tuple[Gate | None, str]:
+    """The gate and how the report names it: the default, none, or the file."""
+    if choice is None:
+        return default_gate(), DEFAULT_GATE_FILE
+    if choice.lower() == NO_GATE:
+        return None, ""
+    return load_gate(Path(choice)), choice
+
+
 def _load_inputs(args: argparse.Namespace) -> tuple[Gate | None, list[EvalConversation]]:
     try:
-        gate = load_gate(args.gate) if args.gate else None
+        gate, args.gate_file = _gate(args.gate)
         conversations = load_testset(args.testset, limit=args.limit)
     except (GateError, DataError, ValueError) as err:
         raise UsageError(str(err)) from None
@@ -191,17 +211,34 @@ def run_command(args: argparse.Namespace) -> int:
         testset_fingerprint=dataset_fingerprint(conversations), mode=args.mode,
         sampling={**settings.sampling.to_dict(), "score": not args.no_score},
         concurrency=args.concurrency, requested={a.key: a.requested for a in adapters},
-        baseline=baseline, gate_file=str(args.gate or ""),
+        baseline=baseline, gate_file=args.gate_file,
     )
     report = build_report(results, info, gate, settings.bootstrap)
     paths = write_reports(report, args.out)
     print(comparison_table(report))
-    for cand in report["candidates"]:
-        verdict = "no gate" if gate is None else (
-            "PASS" if report["gate"]["results"][cand]["passed"] else "FAIL")
-        print(f"{cand} vs {baseline}: {verdict}")
+    _print_verdicts(report)
     print(f"report: {paths['md']} {paths['html']} {paths['json']}")
-    return EXIT_PASS if report["passed"] else EXIT_REGRESSION
+    return EXIT_REGRESSION if report["regressed"] else EXIT_PASS
+
+
+def _print_verdicts(report: dict[str, Any]) -> None:
+    gate = report["gate"]
+    if gate is None:
+        print("no gate (--gate none): report only")
+    elif gate["file"] == DEFAULT_GATE_FILE:
+        print("default gate (no --gate): fails on a significant regression (p < "
+              f"{gate['rules']['alpha']}) of rougeL, chrf, perplexity or failure_rate")
+    for cand in report["candidates"]:
+        result = (gate or {}).get("results", {}).get(cand)
+        if result is None:
+            print(f"{cand} vs {report['baseline']}: no gate")
+            continue
+        verdict = ("PASS" if result["passed"] else "FAIL" if result["regressed"]
+                   else "PENDING people's ratings")
+        failed = [f"{c['metric']} {c['limit']}: {c['reason']}" for c in result["checks"]
+                  if not c["passed"]]
+        print(f"{cand} vs {report['baseline']}: {verdict}"
+              + (f" ({'; '.join(failed)})" if failed else ""))
 
 
 # ---------------------------------------------------------------- promote
@@ -261,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(needs an admin key when the server checks keys)")
     _add_promote_arguments(prom)
     prom.set_defaults(func=promote_command)
+    ab = sub.add_parser("ab", help="blind side-by-side rating by people: create, serve, judge, "
+                        "results")
+    add_ab_commands(ab)
     return parser
 
 
@@ -271,10 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad usage, which is our error code too
         return int(exc.code or 0)
     try:
-        args.security = _security(args, os.environ.get(API_KEY_ENV))
+        if hasattr(args, "api_key"):  # the commands that talk to a server
+            args.security = _security(args, os.environ.get(API_KEY_ENV))
         return args.func(args)
-    except UsageError as err:
-        print(f"evalsuite {args.command}: error: {err}", file=sys.stderr)
+    except (UsageError, RatingSetError) as err:
+        command = " ".join(filter(None, (args.command, getattr(args, "ab_command", None))))
+        print(f"evalsuite {command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
 
 

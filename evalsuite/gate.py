@@ -10,7 +10,15 @@
 Limits on change compare the candidate with the baseline (`max_drop` / `max_increase` in the
 metric's unit, `max_drop_pct` / `max_increase_pct` relative to the baseline); `min_value` /
 `max_value` bound the candidate itself. A change rule with `significant_only: true` fails only when
-the bootstrap p-value is below `alpha` as well. A metric that could not be measured fails its rule.
+the bootstrap p-value is below `alpha` as well. A metric that could not be measured fails its rule,
+unless the rule says `if_measured: true`.
+
+People's ratings gate like metrics (`human_win_rate: {min_value: 0.5}`,
+`human_accuracy: {max_drop: 0.2}`); until `evalsuite ab results` has merged them into the report
+their checks are *pending*: not passed, so `promote` refuses, but not a regression either.
+
+Without `--gate`, `evalsuite run` applies `default_gate()`: it fails when ROUGE-L, chrF, perplexity
+or the failure rate gets significantly worse (p < alpha), and skips the ones not measured.
 """
 
 from __future__ import annotations
@@ -23,11 +31,19 @@ from typing import Any
 
 import yaml
 
+from evalsuite.ab.dimensions import HUMAN_METRICS
 from evalsuite.metrics import metric_names
 from evalsuite.stats import Comparison
 
 LIMITS = ("max_drop", "max_increase", "max_drop_pct", "max_increase_pct", "min_value", "max_value")
 CHANGE_LIMITS = LIMITS[:4]
+DEFAULT_GATE_FILE = "(default)"
+PENDING = "pending: needs people's ratings (`evalsuite ab create / serve / results`)"
+
+
+def known_metrics() -> list[str]:
+    """Every name a rule may gate: the automatic metrics, then people's rating metrics."""
+    return [*metric_names(), *HUMAN_METRICS]
 
 
 class GateError(ValueError):
@@ -44,10 +60,11 @@ class MetricRule:
     min_value: float | None = None
     max_value: float | None = None
     significant_only: bool = False
+    if_measured: bool = False
 
     def __post_init__(self) -> None:
-        if self.metric not in metric_names():
-            known = ", ".join(metric_names())
+        if self.metric not in known_metrics():
+            known = ", ".join(known_metrics())
             raise ValueError(f"metric {self.metric!r} is unknown; known: {known}")
         for name in LIMITS:
             value = getattr(self, name)
@@ -64,11 +81,11 @@ class MetricRule:
             raise ValueError(
                 f"{self.metric}.min_value ({self.min_value}) exceeds max_value ({self.max_value})"
             )
-        if not isinstance(self.significant_only, bool):
-            raise ValueError(
-                f"{self.metric}.significant_only must be true or false, "
-                f"got {self.significant_only!r}"
-            )
+        for flag in ("significant_only", "if_measured"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(
+                    f"{self.metric}.{flag} must be true or false, got {getattr(self, flag)!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,10 @@ class Gate:
             raise ValueError(f"a metric has two rules: {names}")
 
     def to_dict(self) -> dict[str, Any]:
-        rules = {r.metric: {k: v for k, v in asdict(r).items() if k != "metric" and v is not None}
+        # if_measured is left out when false, so gates written before it existed read the same.
+        rules = {r.metric: {k: v for k, v in asdict(r).items()
+                            if k != "metric" and v is not None
+                            and not (k == "if_measured" and v is False)}
                  for r in self.rules}
         return {"alpha": self.alpha, "metrics": rules}
 
@@ -143,6 +163,7 @@ class Check:
     observed: float | None
     passed: bool
     reason: str
+    pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,18 +182,24 @@ def _change(limit: str, comp: Comparison) -> float:
     return pct if limit == "max_drop_pct" else -pct
 
 
+def _unmeasured(rule: MetricRule, limit: str, threshold: float) -> Check:
+    if rule.if_measured:
+        return Check(rule.metric, limit, threshold, None, True, "not measured (if_measured)")
+    return Check(rule.metric, limit, threshold, None, False, "not measured")
+
+
 def _check(rule: MetricRule, limit: str, threshold: float, comp: Comparison, alpha: float) -> Check:
     if limit in ("min_value", "max_value"):
         observed = comp.candidate
         if math.isnan(observed):
-            return Check(rule.metric, limit, threshold, None, False, "not measured")
+            return _unmeasured(rule, limit, threshold)
         ok = observed >= threshold if limit == "min_value" else observed <= threshold
         word = "below" if limit == "min_value" else "above"
         return Check(rule.metric, limit, threshold, observed, ok,
                      "ok" if ok else f"{observed:.4g} is {word} {threshold:g}")
     observed = _change(limit, comp)
     if math.isnan(observed):
-        return Check(rule.metric, limit, threshold, None, False, "not measured")
+        return _unmeasured(rule, limit, threshold)
     breached = observed > threshold
     if breached and rule.significant_only and not comp.p_value < alpha:
         return Check(rule.metric, limit, threshold, observed, True,
@@ -187,8 +214,14 @@ class GateResult:
     passed: bool
     checks: tuple[Check, ...]
 
+    @property
+    def regressed(self) -> bool:
+        """A check failed on what was measured (pending human checks are not regressions)."""
+        return any(not c.passed and not c.pending for c in self.checks)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"candidate": self.candidate, "passed": self.passed,
+        return {"candidate": self.candidate, "passed": self.passed, "regressed": self.regressed,
+                "pending": any(c.pending for c in self.checks),
                 "checks": [c.to_dict() for c in self.checks]}
 
 
@@ -202,7 +235,18 @@ def apply_gate(gate: Gate, candidate: str, comparisons: Mapping[str, Comparison]
             if threshold is None:
                 continue
             if comp is None:
-                checks.append(Check(rule.metric, limit, threshold, None, False, "not computed"))
+                pending = rule.metric in HUMAN_METRICS
+                checks.append(Check(rule.metric, limit, threshold, None, False,
+                                    PENDING if pending else "not computed", pending))
                 continue
             checks.append(_check(rule, limit, threshold, comp, gate.alpha))
     return GateResult(candidate, all(c.passed for c in checks), tuple(checks))
+
+
+def default_gate(alpha: float = 0.05) -> Gate:
+    """The gate `evalsuite run` applies without `--gate`: no quality metric significantly worse."""
+    worse = {"rougeL": "max_drop", "chrf": "max_drop", "perplexity": "max_increase",
+             "failure_rate": "max_increase"}
+    rules = tuple(MetricRule(metric, **{limit: 0.0}, significant_only=True, if_measured=True)
+                  for metric, limit in worse.items())
+    return Gate(rules=rules, alpha=alpha)

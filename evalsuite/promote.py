@@ -4,7 +4,8 @@ The server keeps every alias move in its history beside the adapters; a promotio
 move's reason a compact JSON of who, when, which report and the gate's verdict, so
 `switchboard adapters history` shows why each move happened. The client's side keeps its own
 record too: one JSON line per promotion appended to `<report dir>/promotions.jsonl` and, when
-given, to a second log (`--record`).
+given, to a second log (`--record`). A report checked only by the default gate, or whose human
+rules still wait for `evalsuite ab results`, promotes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+from evalsuite.gate import DEFAULT_GATE_FILE
 
 
 class PromotionRefused(Exception):
@@ -89,11 +92,17 @@ def check_report(report: Mapping[str, Any], candidate: str) -> str:
     gate = report.get("gate")
     if not gate:
         raise PromotionRefused("the report was made without a gate file; nothing was checked")
+    if gate.get("file") == DEFAULT_GATE_FILE:
+        raise PromotionRefused("the report was checked only by the default gate (no significant "
+                               "regression); promotion needs a gate file with your limits")
     result = gate.get("results", {}).get(key)
     if not result or not result.get("passed"):
-        failed = [f"{c['metric']}.{c['limit']} ({c['reason']})"
-                  for c in (result or {}).get("checks", []) if not c.get("passed")]
-        raise PromotionRefused(f"the gate failed for {key}: {'; '.join(failed) or 'no result'}")
+        checks = (result or {}).get("checks", [])
+        failed = [f"{c['metric']}.{c['limit']} ({c['reason']})" for c in checks
+                  if not c.get("passed")]
+        what = ("is waiting for people's ratings" if result and not result.get("regressed", True)
+                else "failed")
+        raise PromotionRefused(f"the gate {what} for {key}: {'; '.join(failed) or 'no result'}")
     return key
 
 

@@ -4,6 +4,8 @@
 with bootstrap intervals, paired comparisons of every candidate with the baseline, the gate's
 verdicts and the raw turns. The renderers read only that dict, so a saved report.json can be
 rendered again. Plots are matplotlib Figures (no pyplot state) embedded as base64 PNG.
+`evalsuite ab results` adds `human` (people's blind ratings, and a model judge's apart) and
+re-applies the gate; the renderers show it when present.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from rouge_score import rouge_scorer
 
-from evalsuite.gate import Gate, apply_gate
+from evalsuite.ab.render import human_html, human_markdown
+from evalsuite.gate import DEFAULT_GATE_FILE, Gate, apply_gate
 from evalsuite.metrics import (
     conversation_stats,
     corpus_signatures,
@@ -160,6 +163,7 @@ def build_report(results: Mapping[str, Sequence[ConversationResult]], info: RunI
             "results": {c: r.to_dict() for c, r in gate_results.items()},
         },
         "passed": all(r.passed for r in gate_results.values()),
+        "regressed": sorted(c for c, r in gate_results.items() if r.regressed),
         "examples": _examples(results, N_EXAMPLES),
         "conversations": {k: [r.to_dict() for r in v] for k, v in results.items()},
     }
@@ -179,7 +183,10 @@ def _verdict(report: Mapping[str, Any], cand: str) -> str:
     gate = report["gate"]
     if gate is None:
         return "no gate"
-    return "PASS" if gate["results"][cand]["passed"] else "FAIL"
+    result = gate["results"][cand]
+    if result["passed"]:
+        return "PASS"
+    return "PENDING (people's ratings)" if not result.get("regressed", True) else "FAIL"
 
 
 def comparison_table(report: Mapping[str, Any]) -> str:
@@ -199,8 +206,11 @@ def comparison_table(report: Mapping[str, Any]) -> str:
 def _gate_md(report: Mapping[str, Any]) -> list[str]:
     gate = report["gate"]
     if gate is None:
-        return ["No gate file: every candidate passes by default."]
-    lines = [f"Gate `{gate['file']}` (alpha {gate['rules']['alpha']}):", "",
+        return ["No gate (`--gate none`): report only, every candidate passes."]
+    title = ("Default gate (no `--gate`): no significant regression (p < alpha) of rougeL, chrf, "
+             "perplexity or failure_rate" if gate["file"] == DEFAULT_GATE_FILE
+             else f"Gate `{gate['file']}`")
+    lines = [f"{title} (alpha {gate['rules']['alpha']}):", "",
              "| candidate | metric | limit | threshold | observed | result |",
              "|---|---|---|---|---|---|"]
     for cand, res in gate["results"].items():
@@ -229,6 +239,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "## Candidates vs baseline", "", comparison_table(report), "", "## Gate", ""]
     lines += _gate_md(report)
+    if report.get("human"):
+        lines += [""] + human_markdown(report["human"])
     lines += ["", "## Failures and corpus signatures", ""]
     for key, res in report["results"].items():
         fails = ", ".join(f"{c}: {n}" for c, n in res["failures"].items()) or "none"
@@ -304,6 +316,16 @@ def _examples_html(report: Mapping[str, Any]) -> str:
     return "".join(parts) or "<p>No examples.</p>"
 
 
+def _gate_html(report: Mapping[str, Any]) -> str:
+    lines = _gate_md(report)
+    if report["gate"] is None:
+        return f"<p>{html.escape(lines[0])}</p>"
+    verdicts = "".join(f"<li>{html.escape(c)}: {_verdict(report, c)}</li>"
+                       for c in report["candidates"])
+    return (f"<p>{html.escape(lines[0])}</p><ul>{verdicts}</ul>"
+            f"{_md_table_to_html(chr(10).join(lines[2:]))}")
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     status = "PASSED" if report["passed"] else "FAILED"
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -317,6 +339,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"<h2>Metrics (95% bootstrap intervals)</h2>"
         f"<img alt='metrics' src='data:image/png;base64,{metric_bars_png(report)}'>"
         f"<h2>Candidates vs baseline</h2>{_md_table_to_html(comparison_table(report))}"
+        f"<h2>Gate</h2>{_gate_html(report)}"
+        f"{human_html(report['human'], _md_table_to_html) if report.get('human') else ''}"
         f"<h2>Latency CDF</h2>"
         f"<img alt='latency CDF' src='data:image/png;base64,{latency_cdf_png(report)}'>"
         f"<h2>Where the answers differ most</h2>{_examples_html(report)}</body></html>"

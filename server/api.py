@@ -16,10 +16,10 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -28,6 +28,7 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from common.conversation import ROLES, Message
 from server.adapters import AdapterVersion, Alias, AliasMove, shown
+from server.audit import OK, entry
 from server.config import TRUNCATION_STRATEGIES, ServerConfig
 from server.errors import (
     AdapterInUseError,
@@ -44,12 +45,14 @@ from server.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from server.keys import Caller, presented_key
 from server.logging_setup import (
     REQUEST_ID_METADATA_KEY,
     current_request_id,
     new_request_id,
     request_context,
 )
+from server.ratelimit import RETRY_AFTER_METADATA, retry_after_text
 from server.sampling import SamplingParams
 from server.service import (
     UNRESOLVED_LABEL,
@@ -71,6 +74,7 @@ from server.sessions import Session, SessionInfo, validate_session_id
 # What server/app.py imports from here; InferenceCore, Limits and Runtime live in server.service.
 __all__ = ["SERVICE_NAMES", "add_servicers", "status_for"]
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ---------------------------------------------------------------- the one error table
 
@@ -121,7 +125,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: s
                                   f"server log for request {current_request_id()}")
     if code is grpc.StatusCode.FAILED_PRECONDITION or code is grpc.StatusCode.NOT_FOUND:
         log.info("%s refused: %s", rpc, error)  # the full paths stay in the server's log
-    await context.abort(code, redact_paths(str(error), adapters_root))
+    retry_after = getattr(error, "retry_after_s", None)
+    trailers = () if retry_after is None else ((RETRY_AFTER_METADATA,
+                                                retry_after_text(retry_after)),)
+    await context.abort(code, redact_paths(str(error), adapters_root), trailers)
 
 
 
@@ -397,13 +404,14 @@ def session_pb(stored: Session) -> pb.Session:
         session_id=stored.id,
         messages=[pb.Message(role=m.role, content=m.content) for m in stored.messages],
         summary=str(stored.summary_cache.get("summary", "")),
-        created_unix=stored.created, updated_unix=stored.updated,
+        created_unix=stored.created, updated_unix=stored.updated, owner=stored.owner,
     )
 
 
 def session_info_pb(info: SessionInfo) -> pb.SessionInfo:
     return pb.SessionInfo(session_id=info.id, message_count=info.message_count,
-                          created_unix=info.created, updated_unix=info.updated)
+                          created_unix=info.created, updated_unix=info.updated,
+                          owner=info.owner)
 
 
 # ---------------------------------------------------------------- servicers
@@ -417,6 +425,26 @@ def _code_name(error: BaseException) -> str:
     return status_for(error).name
 
 
+def caller_of(runtime: Runtime, context: grpc.aio.ServicerContext) -> Caller:
+    """Who makes this call (the interceptor has already refused unknown keys)."""
+    return runtime.caller(presented_key(context.invocation_metadata()))
+
+
+async def audited(runtime: Runtime, caller: Caller, action: str, target: str,
+                  work: Awaitable[T]) -> T:
+    """Await an admin action and append who/what/outcome to the audit trail (when on)."""
+    if runtime.audit is None:
+        return await work
+    try:
+        result = await work
+    except Exception as e:
+        await asyncio.to_thread(runtime.audit.record,
+                                entry(caller, action, target, _code_name(e), str(e)))
+        raise
+    await asyncio.to_thread(runtime.audit.record, entry(caller, action, target, OK))
+    return result
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -424,7 +452,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _call(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> ChatCall:
         core = self.runtime.require()
         try:
-            chat = chat_input_from_pb(request, core.config, core.limits.vocab_size)
+            chat = replace(chat_input_from_pb(request, core.config, core.limits.vocab_size),
+                           caller=caller_of(self.runtime, context))
         except SwitchboardError as e:
             core.metric("observe_request", UNRESOLVED_LABEL if request.adapter else None,
                         _code_name(e), None, None, 0.0, 0, 0)
@@ -464,7 +493,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         core = self.runtime.require()
         messages = messages_from_pb(request.messages, core.config)
         continuation = check_text_length("continuation", request.continuation, core.config)
-        outcome = await score(core, messages, continuation, request.adapter.strip())
+        outcome = await score(core, messages, continuation, request.adapter.strip(),
+                              caller_of(self.runtime, context))
         return score_response_pb(outcome)
 
 
@@ -478,14 +508,17 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     @unary_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest,
                           context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
-        loaded = await self._admin().load(request.adapter)
+        loaded = await audited(self.runtime, caller_of(self.runtime, context), "adapter.load",
+                               request.adapter, self._admin().load(request.adapter))
         return pb.LoadAdapterResponse(adapter=adapter_info_pb(loaded.adapter),
                                       load_seconds=loaded.load_seconds)
 
     @unary_rpc
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
-        status = await self._admin().unload(request.adapter)
+        status = await audited(self.runtime, caller_of(self.runtime, context),
+                               "adapter.unload", request.adapter,
+                               self._admin().unload(request.adapter))
         return pb.UnloadAdapterResponse(adapter=adapter_info_pb(status))
 
     @unary_rpc
@@ -498,8 +531,10 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     @unary_rpc
     async def SetAlias(self, request: pb.SetAliasRequest,
                        context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
-        alias, previous = await self._admin().set_alias(request.alias.strip(), request.target,
-                                                        request.reason)
+        alias, previous = await audited(
+            self.runtime, caller_of(self.runtime, context), "alias.set",
+            f"{request.alias.strip()} -> {request.target.strip()}",
+            self._admin().set_alias(request.alias.strip(), request.target, request.reason))
         return pb.SetAliasResponse(alias=alias_pb(alias), previous=previous)
 
     @unary_rpc
@@ -523,27 +558,30 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def _admin(self) -> SessionAdmin:
-        return SessionAdmin(self.runtime.require())
+    def _admin(self, context: grpc.aio.ServicerContext) -> SessionAdmin:
+        return SessionAdmin(self.runtime.require(), caller_of(self.runtime, context))
 
     @unary_rpc
     async def GetSession(self, request: pb.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.Session:
         session_id = _required_session(request.session_id)
-        return session_pb(await self._admin().get(session_id))
+        return session_pb(await self._admin(context).get(session_id))
 
     @unary_rpc
     async def ListSessions(self, request: pb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         limit = min(request.limit or DEFAULT_SESSION_LIST, MAX_SESSION_LIST)
-        infos = await self._admin().list(limit)
+        infos = await self._admin(context).list(limit)
         return pb.ListSessionsResponse(sessions=[session_info_pb(i) for i in infos])
 
     @unary_rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
         session_id = _required_session(request.session_id)
-        return pb.DeleteSessionResponse(deleted=await self._admin().delete(session_id))
+        admin = self._admin(context)
+        deleted = await audited(self.runtime, admin.caller, "session.delete", session_id,
+                                admin.delete(session_id))
+        return pb.DeleteSessionResponse(deleted=deleted)
 
 
 SERVICE_NAMES = (

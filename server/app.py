@@ -6,7 +6,12 @@ auth (server/auth.py) is installed when keys are configured. Shutdown (SIGTERM, 
 drains: health turns NOT_SERVING, the gate (server/drain.py) refuses new calls with UNAVAILABLE
 while running ones get up to the grace period, then the rest are cancelled, the engine stops and
 the session store is closed. `start_in_thread` runs the same `serve` on a private loop for tests
-and benchmarks.
+and benchmarks. With --http-port, the OpenAI-compatible HTTP front (server/openai) serves on the
+same loop over the same runtime, and drains with the gRPC port.
+
+SIGHUP re-reads the key files (server/keys.py) and swaps the key ring whole: removed keys are
+refused from the next call on, new ones accepted, calls in flight are not disturbed; a file
+that does not parse keeps the keys in force and logs why. Each reload joins the audit trail.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from grpc_reflection.v1alpha import reflection
 from common.modeling import LoadOptions, base_fingerprint, load_base, resolve_device
 from server.adapters import AdapterRegistry
 from server.api import SERVICE_NAMES, add_servicers
-from server.auth import AuthInterceptor, KeyRing
+from server.audit import OK, AuditLog, entry
+from server.auth import AuthInterceptor, KeyRing, LiveKeys
 from server.config import ServerConfig
 from server.context import PromptRenderer
 from server.drain import DrainGate
 from server.engine import Engine, EngineConfig
 from server.service import InferenceCore, Limits, Runtime
+from server.sessions import SessionLocks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ class Started:
 
     port: int
     metrics_port: int
+    http_port: int = 0
 
 
 @dataclass
@@ -57,6 +65,8 @@ class _Components:
     engine: Any = None
     metrics: Any = None
     sessions: Any = None
+    session_locks: Any = None  # None without sessions (a fresh, unused SessionLocks then)
+    http: Any = None  # the OpenAI-compatible HTTP front (server/openai), with --http-port
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -67,14 +77,26 @@ def _context_length(model: Any, config: ServerConfig) -> int:
     return config.context_length or native or 2048
 
 
-def _engine_config(config: ServerConfig) -> EngineConfig:
+def _engine_config(config: ServerConfig, context_length: int) -> EngineConfig:
     return EngineConfig(
         max_batch=config.max_batch, max_queue=config.max_queue,
         max_loaded_adapters=config.max_loaded_adapters, max_lora_rank=config.max_lora_rank,
         default_max_new_tokens=config.default_max_new_tokens,
+        max_prefill_tokens=config.max_prefill_tokens,
+        prefill_chunk_tokens=config.prefill_chunk_tokens, max_seq_len=context_length,
+        cuda_graphs=config.cuda_graphs,
         max_adapter_bytes=config.max_adapter_bytes,
         adapter_memory_budget_bytes=config.adapter_memory_budget_bytes,
     )
+
+
+def _engine_summary(engine: Engine) -> str:
+    """The engine's shape for the ready line: KV cache size and CUDA graph capture time."""
+    kv = engine.runner.kv
+    graphs = ("CUDA graphs off" if engine.graph_capture_seconds is None
+              else f"CUDA graphs captured in {engine.graph_capture_seconds:.1f}s")
+    return (f"KV cache {kv.max_rows} rows x {kv.capacity} tokens "
+            f"({kv.bytes / 2**20:.0f} MiB), {graphs}")
 
 
 def _make_metrics(config: ServerConfig, parts: _Components) -> int:
@@ -92,12 +114,17 @@ def _make_metrics(config: ServerConfig, parts: _Components) -> int:
 
 
 def _make_sessions(config: ServerConfig, parts: _Components) -> None:
-    if config.sessions_db is None:
+    location = config.sessions_location
+    if location is None:
         return
-    from server.sessions import SQLiteSessionStore
+    from server.session_stores import open_sessions
+    from server.sessions import SessionSettings
 
-    parts.sessions = SQLiteSessionStore(config.sessions_db, ttl_seconds=config.session_ttl_seconds,
-                                        max_sessions=config.max_sessions)
+    backend = open_sessions(location, SessionSettings(config.session_ttl_seconds,
+                                                      config.max_sessions),
+                            config.session_lease_seconds)
+    parts.sessions, parts.session_locks = backend.store, backend.locks
+    log.info("sessions in %s (%s)", location.display, location.kind)
     close = getattr(parts.sessions, "close", None)
     if close is not None:
         parts.closers.append(close)
@@ -112,18 +139,22 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
     started = time.monotonic()
     model, tokenizer = load_base(config.base, LoadOptions(device=config.device))
     log.info("loaded base %s (%s) in %.2fs", config.base, fingerprint, time.monotonic() - started)
-    parts.engine = Engine(model, tokenizer, _engine_config(config), observer=parts.metrics)
+    context_length = _context_length(model, config)
+    parts.engine = Engine(model, tokenizer, _engine_config(config, context_length),
+                          observer=parts.metrics)
     parts.engine.start()
     if parts.metrics is not None:
         parts.metrics.set_info(_version(), config.base, resolve_device(config.device))
         parts.metrics.set_base_memory(int(model.get_memory_footprint()))
         if parts.sessions is not None:
             parts.metrics.set_sessions(parts.sessions.count())
-    limits = Limits(context_length=_context_length(model, config), vocab_size=len(tokenizer))
+    limits = Limits(context_length=context_length, vocab_size=len(tokenizer))
     return InferenceCore(engine=parts.engine, tokenizer=tokenizer,
                          renderer=PromptRenderer(tokenizer), registry=registry,
                          config=config, limits=limits, metrics=parts.metrics,
-                         sessions=parts.sessions)
+                         sessions=parts.sessions,
+                         session_locks=(SessionLocks() if parts.session_locks is None
+                                        else parts.session_locks))
 
 
 def _version() -> str:
@@ -188,7 +219,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _security_summary(config: ServerConfig) -> str:
+def _security_summary(config: ServerConfig, keys: LiveKeys | None) -> str:
     """What protects the port, for the start-up log; counts keys, never shows them."""
     if not config.tls_enabled:
         tls = "TLS off (plaintext)"
@@ -196,18 +227,21 @@ def _security_summary(config: ServerConfig) -> str:
         tls = "TLS on"
     else:
         tls = "mutual TLS on (client certificates required)"
-    if not config.auth_enabled:
+    if keys is None:
         return f"{tls}, auth off (no keys configured)"
-    return (f"{tls}, auth on ({len(config.api_keys)} API keys, "
-            f"{len(config.admin_keys)} admin keys)")
+    callers = keys.ring.callers
+    admins = sum(c.is_admin for c in callers)
+    scoped = sum(c.scoped for c in callers)
+    return (f"{tls}, auth on ({len(callers) - admins} API keys of which {scoped} scoped, "
+            f"{admins} admin keys)")
 
 
 def _build_server(config: ServerConfig, runtime: Runtime, health: HealthServicer,
                   gate: DrainGate) -> grpc.aio.Server:
     # Auth runs first, so refused callers are neither counted by the gate nor told its state.
     interceptors: list[grpc.aio.ServerInterceptor] = [gate]
-    if config.auth_enabled:
-        interceptors.insert(0, AuthInterceptor(KeyRing.of(config.api_keys, config.admin_keys)))
+    if runtime.keys is not None:
+        interceptors.insert(0, AuthInterceptor(runtime.keys))
     # grpc itself answers RESOURCE_EXHAUSTED for a request over the limit, before decoding it.
     options = [("grpc.max_receive_message_length", config.max_request_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -239,31 +273,90 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     """Serve until `stop` is set (or SIGINT/SIGTERM when run on the main thread)."""
     stop = stop or _signal_event()
     parts = _Components()
-    runtime = Runtime(config)
+    runtime = _runtime(config, parts)
     health = HealthServicer()
     gate = DrainGate(exempt=frozenset({HEALTH_SERVICE}))
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     server, port = await _listen(config, runtime, health, gate)
     log.info("listening on %s:%d (health NOT_SERVING until the base is loaded); %s",
-             config.host, port, _security_summary(config))
+             config.host, port, _security_summary(config, runtime.keys))
     if not config.auth_enabled and not _is_loopback(config.host):
         log.warning("no API keys configured and %s is not a loopback address: anyone who can "
                     "reach port %d may chat, load adapters and read sessions "
                     "(see --api-keys-file / --admin-keys-file)", config.host, port)
     try:
         metrics_port = _make_metrics(config, parts)
+        http_port = await _start_http(config, runtime, parts)
         started = time.monotonic()
         runtime.core = await asyncio.to_thread(_load, config, parts)
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready on %s:%d after %.2fs (SERVING)", config.host, port,
-                 time.monotonic() - started)
+        log.info("ready on %s:%d after %.2fs (SERVING); %s", config.host, port,
+                 time.monotonic() - started, _engine_summary(runtime.core.engine))
         if on_started is not None:
-            on_started(Started(port, metrics_port))
+            on_started(Started(port, metrics_port, http_port))
         janitor = asyncio.create_task(_purge_sessions(parts.sessions))
+        _on_sighup(lambda: asyncio.ensure_future(reload_keys(config, runtime)))
         await stop.wait()
         janitor.cancel()
     finally:
         await _shutdown(server, health, gate, parts, config.shutdown_grace_seconds)
+
+
+async def _start_http(config: ServerConfig, runtime: Runtime, parts: _Components) -> int:
+    """The OpenAI-compatible HTTP front on this loop, over the same runtime; its port or 0."""
+    if not config.http_port:
+        return 0
+    from server.openai import HttpFront
+
+    front = HttpFront(config, runtime)
+    port = await front.start()
+    parts.http = front
+    log.info("OpenAI-compatible HTTP on %s://%s:%d/v1 (same keys, limits and metrics)",
+             "https" if config.tls_enabled else "http", config.host, port)
+    return port
+
+
+def _runtime(config: ServerConfig, parts: _Components) -> Runtime:
+    """The key ring (when auth is on) and the audit trail (when asked for), before any port."""
+    keys = LiveKeys(KeyRing(config.key_sources.load())) if config.auth_enabled else None
+    audit = None
+    if config.audit_log is not None:
+        audit = AuditLog(config.audit_log)
+        parts.closers.append(audit.close)
+    return Runtime(config, keys, audit)
+
+
+async def reload_keys(config: ServerConfig, runtime: Runtime) -> bool:
+    """Re-read the key files and put the new ring in force; a bad file keeps the old keys (and
+    says why in the log and the audit trail). Returns whether the new keys are in force."""
+    if runtime.keys is None:
+        log.warning("SIGHUP: authentication is off (no keys configured); nothing to reload")
+        return False
+    try:
+        ring = KeyRing(await asyncio.to_thread(config.key_sources.load))
+    except ValueError as e:
+        log.error("key reload failed, the %d keys in force stay: %s", len(runtime.keys.ring), e)
+        await _audit(runtime, entry(None, "keys.reload", "key files", "INVALID_ARGUMENT", str(e)))
+        return False
+    previous = runtime.keys.swap(ring)
+    if runtime.core is not None:
+        runtime.core.limiter.retain(c.key_id for c in ring.callers)
+    old, new = {c.key_id for c in previous.callers}, {c.key_id for c in ring.callers}
+    summary = f"{len(new)} keys: {len(new - old)} added, {len(old - new)} removed"
+    log.info("keys reloaded: %s", summary)
+    await _audit(runtime, entry(None, "keys.reload", "key files", OK, summary))
+    return True
+
+
+async def _audit(runtime: Runtime, item: Any) -> None:
+    if runtime.audit is not None:
+        await asyncio.to_thread(runtime.audit.record, item)
+
+
+def _on_sighup(reload: Callable[[], Any]) -> None:
+    """Reload keys on SIGHUP; signal handlers exist only on the main thread's loop."""
+    if threading.current_thread() is threading.main_thread():
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
 async def _purge_sessions(store: Any) -> None:
@@ -281,15 +374,20 @@ async def _purge_sessions(store: Any) -> None:
 async def _shutdown(server: grpc.aio.Server, health: HealthServicer, gate: DrainGate,
                     parts: _Components, grace: float) -> None:
     gate.begin()
+    fronts: list[Any] = [gate] if parts.http is None else [gate, parts.http]
+    if parts.http is not None:
+        parts.http.begin()
     await health.enter_graceful_shutdown()
     log.info("shutting down: health NOT_SERVING, new calls refused, %d in flight get %.1fs",
-             gate.in_flight, grace)
-    if await gate.drained(grace):
+             sum(f.in_flight for f in fronts), grace)
+    if all(await asyncio.gather(*(f.drained(grace) for f in fronts))):
         log.info("every call in flight finished")
     else:
         log.warning("%d calls still running after the %.1fs grace; cancelling them",
-                    gate.in_flight, grace)
+                    sum(f.in_flight for f in fronts), grace)
     await server.stop(0)
+    if parts.http is not None:
+        await parts.http.stop()
     if parts.engine is not None:
         await asyncio.to_thread(parts.engine.shutdown)
     for close in reversed(parts.closers):
@@ -313,6 +411,7 @@ class RunningServer:
     port: int
     metrics_port: int
     _stop: Callable[[], None]
+    http_port: int = 0
 
     @property
     def target(self) -> str:
@@ -357,7 +456,7 @@ def start_in_thread(config: ServerConfig, timeout: float = 300.0) -> RunningServ
             thread.join(timeout=config.shutdown_grace_seconds + 60)
 
     info: Started = state["started"]
-    return RunningServer(info.port, info.metrics_port, stop)
+    return RunningServer(info.port, info.metrics_port, stop, info.http_port)
 
 
 def serve_forever(config: ServerConfig) -> None:

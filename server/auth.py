@@ -1,9 +1,12 @@
-"""Who may call what: API and admin keys from call metadata, checked before any handler runs.
+"""Who may call what, on gRPC: the key table per service and the interceptor enforcing it.
 
 A key comes as `authorization: Bearer <key>` (or `x-api-key: <key>`). InferenceService (chat,
-score) takes an API key or an admin key; every other service takes an admin key only, so a
-service added later is admin-only until this table says otherwise. Health and reflection are
-open: load balancers and tools probe them without secrets.
+score) and SessionService (a key's own sessions; ownership is checked in server/service.py) take
+an API key or an admin key; every other service takes an admin key only, so a service added
+later is admin-only until this table says otherwise. Health and reflection are open: load
+balancers and tools probe them without secrets. Who a key is (its name, scope and limits) and
+the transport-neutral `KeyRing.authorize` live in server/keys.py; the interceptor reads the ring
+in force from `LiveKeys`, which a SIGHUP reload swaps (server/app.py).
 
 Keys are compared in constant time against every configured key, and no key (nor any part of
 one) is ever logged: a rejected call logs its method, the reason and the peer.
@@ -11,12 +14,8 @@ one) is ever logged: a rejected call logs its method, the reason and the peer.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -24,27 +23,28 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from server.api import SERVICE_NAMES, status_for
-from server.errors import PermissionDeniedError, SwitchboardError, UnauthenticatedError
+from server.keys import (
+    API_KEY_METADATA,
+    AUTHORIZATION_METADATA,
+    HOW_TO_SEND,
+    AuthRejected,
+    Caller,
+    KeyKind,
+    KeyRing,
+    LiveKeys,
+    presented_key,
+)
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION_METADATA = "authorization"
-API_KEY_METADATA = "x-api-key"
-BEARER = "bearer "
-HOW_TO_SEND = (f"send '{AUTHORIZATION_METADATA}: Bearer <key>' (or '{API_KEY_METADATA}: <key>') "
-               "in the call metadata")
-
-INFERENCE_SERVICE = SERVICE_NAMES[0]
+INFERENCE_SERVICE, _ADAPTER_SERVICE, SESSION_SERVICE = SERVICE_NAMES
+# Services any valid key may call; what each key sees there is decided by the service itself.
+API_SERVICES = frozenset({INFERENCE_SERVICE, SESSION_SERVICE})
 PUBLIC_SERVICES = frozenset({
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
     "grpc.reflection.v1.ServerReflection",
 })
-
-
-class KeyKind(Enum):
-    API = "api"
-    ADMIN = "admin"
 
 
 def service_of(method: str) -> str:
@@ -57,76 +57,15 @@ def required_kind(method: str) -> KeyKind | None:
     service = service_of(method)
     if service in PUBLIC_SERVICES:
         return None
-    return KeyKind.API if service == INFERENCE_SERVICE else KeyKind.ADMIN
+    return KeyKind.API if service in API_SERVICES else KeyKind.ADMIN
 
 
-def presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The key the caller sent: the bearer token of `authorization`, else `x-api-key`."""
-    bearer = plain = None
-    for name, value in metadata or ():
-        if not isinstance(value, str):
-            continue  # binary (-bin) metadata never carries a key
-        if name == AUTHORIZATION_METADATA and value[:len(BEARER)].lower() == BEARER:
-            bearer = value[len(BEARER):].strip()
-        elif name == API_KEY_METADATA:
-            plain = value.strip()
-    return bearer or plain or None
-
-
-def _digest(key: str) -> bytes:
-    # Comparing fixed-length digests keeps the comparison time independent of key lengths too.
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-
-
-class AuthRejected(Exception):
-    """A call the key ring refused: `reason` for the log, `error` for the caller."""
-
-    def __init__(self, reason: str, error: SwitchboardError) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
-
-
-@dataclass(frozen=True, repr=False)
-class KeyRing:
-    """The configured keys (as digests) and their kinds; `repr` shows counts only."""
-
-    _entries: tuple[tuple[bytes, KeyKind], ...]
-
-    @classmethod
-    def of(cls, api_keys: Sequence[str], admin_keys: Sequence[str]) -> KeyRing:
-        return cls(tuple([(_digest(k), KeyKind.API) for k in api_keys]
-                         + [(_digest(k), KeyKind.ADMIN) for k in admin_keys]))
-
-    def __repr__(self) -> str:
-        return f"KeyRing({len(self._entries)} keys)"
-
-    def kind_of(self, key: str) -> KeyKind | None:
-        """The kind of `key`, or None when no configured key matches. Every configured key is
-        compared, whatever matched before, so the time taken says nothing about which one."""
-        presented = _digest(key)
-        found = None
-        for known, kind in self._entries:
-            if hmac.compare_digest(presented, known):
-                found = kind
-        return found
-
-    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
-        """Raise AuthRejected unless the call's metadata carries a key that may call `method`."""
-        needed = required_kind(method)
-        if needed is None:
-            return
-        key = presented_key(metadata)
-        if key is None:
-            raise AuthRejected("no key", UnauthenticatedError(
-                f"{method} needs an API key: {HOW_TO_SEND}"))
-        kind = self.kind_of(key)
-        if kind is None:
-            raise AuthRejected("unknown key", UnauthenticatedError(
-                f"the key sent with {method} is not a valid key: {HOW_TO_SEND}"))
-        if needed is KeyKind.ADMIN and kind is not KeyKind.ADMIN:
-            raise AuthRejected("wrong kind", PermissionDeniedError(
-                f"{method} needs an admin key; this key may only call {INFERENCE_SERVICE}"))
+def check(keys: KeyRing | LiveKeys, method: str,
+          metadata: Iterable[tuple[str, Any]] | None) -> Caller | None:
+    """The caller, or AuthRejected unless the call's metadata carries a key that may call
+    `method` (None for the open services)."""
+    return keys.authorize(presented_key(metadata), required_kind(method), method,
+                          admin_only_for=" and ".join(sorted(API_SERVICES)))
 
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
@@ -159,7 +98,7 @@ def _rejecting(handler: grpc.RpcMethodHandler, method: str,
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Answers calls without the right key with UNAUTHENTICATED / PERMISSION_DENIED."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: LiveKeys) -> None:
         self.keys = keys
 
     async def intercept_service(
@@ -170,11 +109,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED
         try:
-            self.keys.check(details.method, details.invocation_metadata)
+            check(self.keys, details.method, details.invocation_metadata)
         except AuthRejected as rejected:
             return _rejecting(handler, details.method, rejected)
         return handler
 
 
-__all__ = ["AuthInterceptor", "KeyKind", "KeyRing", "presented_key", "required_kind",
-           "with_behaviour"]
+__all__ = ["API_KEY_METADATA", "AUTHORIZATION_METADATA", "HOW_TO_SEND", "AuthInterceptor",
+           "AuthRejected", "KeyKind", "KeyRing", "LiveKeys", "check", "presented_key",
+           "required_kind", "with_behaviour"]

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from common import threads
 from server.config import DEVICES, TRUNCATION_STRATEGIES, ServerConfig
 
 DEFAULTS = ServerConfig(base="-", adapters_root=Path("."))
@@ -16,16 +17,10 @@ API_KEYS_ENV = "SWITCHBOARD_API_KEYS"
 ADMIN_KEYS_ENV = "SWITCHBOARD_ADMIN_KEYS"
 
 
-def read_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
-    """Keys from a file (one per line, '#' starts a comment) plus a comma-separated variable."""
-    keys: list[str] = []
-    if path is not None:
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.append(line)
-    keys.extend(k.strip() for k in (env_value or "").split(",") if k.strip())
-    return tuple(dict.fromkeys(keys))
+def env_keys(env_value: str | None) -> tuple[str, ...]:
+    """Keys from a comma-separated variable (the key files are read by server/keys.py, at start
+    and on every SIGHUP)."""
+    return tuple(dict.fromkeys(k.strip() for k in (env_value or "").split(",") if k.strip()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     parser.add_argument("--context-length", type=int, default=d.context_length,
-                        help="prompt + answer token limit; 0 = the model's own")
+                        help="prompt + answer token limit; 0 = the model's own. The KV cache "
+                             "holds max-batch x this many tokens, allocated at start")
+    parser.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                        help="prompt tokens one engine step may prefill (at least one request)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens,
+                        help="longest prefill forward; longer prompts run in chunks")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=d.cuda_graphs,
+                        help="replay decode steps as CUDA graphs (default: on for CUDA only)")
     parser.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
     parser.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
                         help="largest max_new_tokens a request may ask for")
@@ -56,12 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapter writing summaries for the summarize strategy ('' = base)")
     parser.add_argument("--sessions-db", type=Path, default=Path("switchboard-sessions.db"),
                         help="SQLite file for server-side sessions")
+    parser.add_argument("--sessions", metavar="URL", default="",
+                        help="session store: a SQLite path, sqlite:PATH or redis://HOST:PORT/DB "
+                             "(replicas share a Redis); replaces --sessions-db")
+    parser.add_argument("--session-lease-seconds", type=float, default=d.session_lease_seconds,
+                        help="Redis store: how long a dead replica's hold on a session lasts")
     parser.add_argument("--no-sessions", action="store_true", help="disable server-side sessions")
     parser.add_argument("--session-ttl-seconds", type=float, default=d.session_ttl_seconds)
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
     parser.add_argument("--metrics-port", type=int, default=d.metrics_port,
                         help="Prometheus /metrics port; 0 = off")
     parser.add_argument("--metrics-host", default=d.metrics_host)
+    parser.add_argument("--http-port", type=int, default=d.http_port,
+                        help="OpenAI-compatible HTTP port (POST /v1/chat/completions, "
+                             "GET /v1/models) on --host; 0 = off (default)")
     parser.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds)
     security = parser.add_argument_group(
         "security", f"API keys come from --api-keys-file / --admin-keys-file (one key per line, "
@@ -71,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--admin-keys-file", type=Path,
                           help="keys allowed to administer adapters, aliases and sessions "
                                "(and to chat)")
+    security.add_argument("--keys-file", type=Path,
+                          help="TOML tenants file: [[keys]] with name, key (or sha256), kind, "
+                               "adapters (scope) and limits (see README, Security)")
+    security.add_argument("--audit-log", type=Path,
+                          help="append-only JSON lines of admin actions (switchboard audit FILE)")
     security.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     security.add_argument("--tls-client-ca", type=Path,
@@ -94,31 +110,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory all loaded adapters may take; 0 = no budget")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     parser.add_argument("--log-level", default="INFO")
+    threads.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace,
                      environ: Mapping[str, str] | None = None) -> ServerConfig:
     """The one place the server reads its environment (the key variables)."""
     environ = os.environ if environ is None else environ
-    try:
-        api_keys = read_keys(args.api_keys_file, environ.get(API_KEYS_ENV))
-        admin_keys = read_keys(args.admin_keys_file, environ.get(ADMIN_KEYS_ENV))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read a keys file: {e}") from e
-    return ServerConfig(
+    api_keys = env_keys(environ.get(API_KEYS_ENV))
+    admin_keys = env_keys(environ.get(ADMIN_KEYS_ENV))
+    config = ServerConfig(
         base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
         device=args.device, max_batch=args.max_batch,
         max_loaded_adapters=args.max_loaded_adapters, max_queue=args.max_queue,
         max_lora_rank=args.max_lora_rank, context_length=args.context_length,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens, cuda_graphs=args.cuda_graphs,
         default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit,
         default_truncation=args.default_truncation,
         sessions_db=None if args.no_sessions else args.sessions_db,
+        sessions_url="" if args.no_sessions else args.sessions,
+        session_lease_seconds=args.session_lease_seconds,
         session_ttl_seconds=args.session_ttl_seconds, max_sessions=args.max_sessions,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_json=args.log_json,
+        http_port=args.http_port,
         summarize_adapter=args.summarize_adapter,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
-        api_keys=api_keys, admin_keys=admin_keys, tls_cert=args.tls_cert,
+        api_keys=api_keys, admin_keys=admin_keys, api_keys_file=args.api_keys_file,
+        admin_keys_file=args.admin_keys_file, keys_file=args.keys_file,
+        audit_log=args.audit_log, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         max_request_bytes=args.max_request_bytes, max_messages=args.max_messages,
         max_message_chars=args.max_message_chars, max_prompt_tokens=args.max_prompt_tokens,
@@ -127,9 +148,17 @@ def config_from_args(args: argparse.Namespace,
         max_adapter_bytes=args.max_adapter_bytes,
         adapter_memory_budget_bytes=args.adapter_memory_budget_bytes,
     )
+    config.key_sources.load()  # a bad keys file stops the start here, before the model loads
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
+    # Threads before anything loads torch (server.app does): libgomp reads its wait policy once.
+    try:
+        thread_report = threads.apply(threads.config_from_args(args))
+    except ValueError as e:
+        print(f"switchboard-server: {e}", file=sys.stderr)
+        return 2
     from server.app import serve_forever
     from server.logging_setup import configure_logging
 
@@ -139,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"switchboard-server: {e}", file=sys.stderr)
         return 2
     configure_logging(args.log_level.upper(), json_lines=config.log_json)
+    logging.getLogger("server").info(thread_report.describe())
     try:
         serve_forever(config)
     except KeyboardInterrupt:

@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.keys import KeySources
+from server.session_stores.backend import SessionsURL, parse_sessions_url
+
 DEVICES = ("auto", "cpu", "cuda")
 MIN_KEY_CHARS = 16
 TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
@@ -29,19 +32,32 @@ class ServerConfig:
     max_loaded_adapters: int = 8
     max_queue: int = 256
     max_lora_rank: int = 64
-    # 0 means the model's own context length (max_position_embeddings).
+    # 0 means the model's own context length (max_position_embeddings). The engine keeps a KV
+    # cache of max_batch x context_length tokens, allocated at start.
     context_length: int = 0
+    # Prompt tokens one engine step may prefill, and the longest prefill forward (in columns).
+    max_prefill_tokens: int = 4096
+    prefill_chunk_tokens: int = 512
+    # Decode steps replayed as CUDA graphs: None = on for CUDA, off on the CPU.
+    cuda_graphs: bool | None = None
     default_max_new_tokens: int = 128
     # Upper bound a request may ask for; larger values are refused with INVALID_ARGUMENT.
     max_new_tokens_limit: int = 4096
     default_truncation: str = "drop_oldest"
     # None disables server-side sessions (requests carrying a session id are then refused).
     sessions_db: Path | None = None
+    # A store URL (server/session_stores/backend.py: a path, sqlite:PATH, redis://...); when set
+    # it replaces sessions_db. Replicas share sessions through a Redis URL.
+    sessions_url: str = ""
+    # How long a replica's hold on a session outlives the replica if it dies (Redis store only).
+    session_lease_seconds: float = 30.0
     session_ttl_seconds: float = 7 * 24 * 3600.0
     max_sessions: int = 10_000
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # The OpenAI-compatible HTTP port (server/openai) on `host`; 0 turns it off.
+    http_port: int = 0
     log_json: bool = False
     # Adapter reference used by the summarize strategy; "" means the bare base.
     summarize_adapter: str = ""
@@ -53,6 +69,14 @@ class ServerConfig:
     # repr=False: a config printed in a log or traceback must not carry the keys.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Key files, read at start and again on SIGHUP (server/keys.py): plain lists of API / admin
+    # keys, and the TOML tenants file (names, adapter scopes, limits). The keys above, from the
+    # environment or the caller, stay for the life of the process.
+    api_keys_file: Path | None = None
+    admin_keys_file: Path | None = None
+    keys_file: Path | None = None
+    # Append-only JSON lines of admin actions (server/audit.py); None = no audit trail.
+    audit_log: Path | None = None
     # PEM files; cert + key turn TLS on, client_ca additionally requires client certificates
     # signed by that CA (mutual TLS).
     tls_cert: Path | None = None
@@ -81,7 +105,12 @@ class ServerConfig:
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
         _require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
         self._check_positive("max_batch", "max_loaded_adapters", "max_queue", "max_lora_rank",
-                             "default_max_new_tokens", "max_new_tokens_limit", "max_sessions")
+                             "default_max_new_tokens", "max_new_tokens_limit", "max_sessions",
+                             "max_prefill_tokens", "prefill_chunk_tokens")
+        _require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
+                 "true, false or None (on for CUDA only)")
+        _require(not (self.cuda_graphs and self.device == "cpu"), "cuda_graphs",
+                 self.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")
         _require(self.context_length >= 0, "context_length", self.context_length,
                  ">= 0 (0 = the model's own)")
         _require(self.default_max_new_tokens <= self.max_new_tokens_limit,
@@ -92,12 +121,18 @@ class ServerConfig:
                      self.default_max_new_tokens, f"< context_length ({self.context_length})")
         _require(self.default_truncation in TRUNCATION_STRATEGIES, "default_truncation",
                  self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
+        self._check_sessions_url()
         _require(math.isfinite(self.session_ttl_seconds) and self.session_ttl_seconds > 0,
                  "session_ttl_seconds", self.session_ttl_seconds, "a positive number of seconds")
         _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
                  "in 0..65535 (0 = off)")
         _require(self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port",
                  self.metrics_port, f"different from port ({self.port})")
+        _require(0 <= self.http_port <= 65535, "http_port", self.http_port,
+                 "in 0..65535 (0 = off)")
+        _require(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port),
+                 "http_port", self.http_port,
+                 f"different from port ({self.port}) and metrics_port ({self.metrics_port})")
         _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds",
                  self.shutdown_grace_seconds, ">= 0")
         self._check_security()
@@ -123,7 +158,8 @@ class ServerConfig:
                          f"printable keys of at least {MIN_KEY_CHARS} characters, no spaces")
         _require(not set(self.api_keys) & set(self.admin_keys), "admin_keys", "<redacted>",
                  "different from every api key (a key has one kind)")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file", "admin_keys_file",
+                     "keys_file", "audit_log"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
@@ -132,9 +168,31 @@ class ServerConfig:
         _require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
                  self.tls_client_ca, "used with tls_cert and tls_key (mutual TLS needs TLS)")
 
+    def _check_sessions_url(self) -> None:
+        if self.sessions_url:
+            try:
+                parse_sessions_url(self.sessions_url)
+            except ValueError as e:
+                raise ValueError(f"sessions_url: {e}") from None
+        _require(math.isfinite(self.session_lease_seconds) and self.session_lease_seconds >= 1,
+                 "session_lease_seconds", self.session_lease_seconds, "a number of seconds >= 1")
+
+    @property
+    def sessions_location(self) -> SessionsURL | None:
+        """The session store to open, None when sessions are disabled."""
+        if self.sessions_url:
+            return parse_sessions_url(self.sessions_url)
+        return None if self.sessions_db is None else SessionsURL("sqlite", self.sessions_db)
+
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys or self.admin_keys)
+        """Any key, or any key file (even an empty one: its keys may come with a reload)."""
+        return self.key_sources.any
+
+    @property
+    def key_sources(self) -> KeySources:
+        return KeySources(self.api_keys, self.admin_keys, self.api_keys_file,
+                          self.admin_keys_file, self.keys_file)
 
     @property
     def tls_enabled(self) -> bool:

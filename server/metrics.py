@@ -4,8 +4,9 @@ Everything lives in one `CollectorRegistry` owned by a `Metrics` object (never t
 several servers in one test process do not share counters. Names follow Prometheus conventions:
 base units (`_seconds`, `_bytes`), counters end in `_total`. The `adapter` label is bounded: the
 first `max_adapter_labels` adapter keys get their own value, later ones share `other`, and the bare
-base model is `__base__`. Hooks are cheap and thread-safe: the engine calls them from its thread,
-the API from the event loop.
+base model is `__base__`. The `key` label (per API key, by the key's name, never the key) is
+bounded the same way by `max_key_labels`. Hooks are cheap and thread-safe: the engine calls them
+from its thread, the API from the event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import platform
 import sys
 import threading
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -42,6 +44,12 @@ STATUS_CODES = (
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )
 TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
+# Which per-key limit refused a request (server/ratelimit.py).
+KEY_LIMITS = ("in_flight", "requests_per_minute", "tokens_per_minute")
+PROTOCOLS = ("grpc", "http")
+# The `protocol` label of the request being served: the HTTP edge (server/openai/edge.py) sets it
+# for its requests, as the request id is set, so the core stays transport-neutral.
+protocol_var: ContextVar[str] = ContextVar("switchboard_protocol", default="grpc")
 
 # Buckets sized for LLM serving: a TTFT is tens of milliseconds on a GPU and seconds under load on a
 # CPU; one decode step is milliseconds to a few hundred; a whole answer may take minutes.
@@ -144,9 +152,10 @@ class Metrics:
     """Every Switchboard metric, the hooks that feed them and the HTTP endpoint exporting them."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
-                 max_adapter_labels: int = 50) -> None:
+                 max_adapter_labels: int = 50, max_key_labels: int = 50) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._labels = AdapterLabels(max_adapter_labels)
+        self._key_labels = AdapterLabels(max_key_labels)
         self._loaded: dict[str, _LoadedAdapter] = {}
         self._loaded_lock = threading.Lock()
         self._httpd: WSGIServer | None = None
@@ -172,7 +181,8 @@ class Metrics:
 
     def _define_traffic(self) -> None:
         self.requests = self._counter(
-            "requests", "Finished RPCs by adapter and gRPC status code.", ["adapter", "code"])
+            "requests", "Finished requests by adapter, gRPC status code (also for HTTP) and "
+            "protocol (grpc or http).", ["adapter", "code", "protocol"])
         self.prompt_tokens = self._counter(
             "prompt_tokens", "Prompt tokens of finished requests (after truncation).", ["adapter"])
         self.generation_tokens = self._counter(
@@ -183,6 +193,14 @@ class Metrics:
         self.request_generation_tokens = self._histogram(
             "request_generation_tokens", "Generated length of each finished request, in tokens.",
             TOKEN_COUNT_BUCKETS, ["adapter"])
+        self.key_requests = self._counter(
+            "key_requests", "Finished chat RPCs by API key name and gRPC status code.",
+            ["key", "code"])
+        self.key_generation_tokens = self._counter(
+            "key_generation_tokens", "Tokens generated for each API key name.", ["key"])
+        self.key_rate_limited = self._counter(
+            "key_rate_limited", "Requests refused by a key's own limit, by key name and limit.",
+            ["key", "limit"])
 
     def _define_latency(self) -> None:
         self.queue_wait = self._histogram(
@@ -285,8 +303,9 @@ class Metrics:
         """An explicit unload (not an eviction): only the resident set changes."""
         self._forget_adapter(key)
 
-    def on_token(self, request_id: str, adapter_key: str | None) -> None:
-        self.generation_tokens.labels(self._labels.label(adapter_key)).inc()
+    def on_tokens(self, adapter_key: str | None, count: int) -> None:
+        """`count` tokens generated for one adapter in one engine step."""
+        self.generation_tokens.labels(self._labels.label(adapter_key)).inc(count)
 
     def _forget_adapter(self, key: str) -> None:
         with self._loaded_lock:
@@ -315,7 +334,8 @@ class Metrics:
         """Record one finished RPC; latencies of requests that did not finish OK are not timed."""
         label = self._labels.label(adapter)
         status = _status_label(code)
-        self.requests.labels(label, status).inc()
+        protocol = protocol_var.get()
+        self.requests.labels(label, status, protocol if protocol in PROTOCOLS else "grpc").inc()
         if queue_wait_s is not None:
             self.queue_wait.labels(label).observe(queue_wait_s)
         if ttft_s is not None:
@@ -326,6 +346,17 @@ class Metrics:
         if status == "OK":
             self.request_duration.labels(label).observe(total_s)
             self.request_generation_tokens.labels(label).observe(completion_tokens)
+
+    def observe_key_request(self, key_name: str, code: str, completion_tokens: int) -> None:
+        """One finished chat of the key named `key_name` (its tokens, even when it failed)."""
+        label = self._key_labels.label(key_name)
+        self.key_requests.labels(label, _status_label(code)).inc()
+        if completion_tokens > 0:
+            self.key_generation_tokens.labels(label).inc(completion_tokens)
+
+    def observe_rate_limited(self, key_name: str, limit: str) -> None:
+        self.key_rate_limited.labels(self._key_labels.label(key_name),
+                                     limit if limit in KEY_LIMITS else OTHER_LABEL).inc()
 
     def observe_inter_token(self, adapter: str | None, seconds: float) -> None:
         self.inter_token.labels(self._labels.label(adapter)).observe(seconds)

@@ -143,9 +143,11 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int |
     A row whose logits are not finite (a damaged adapter) or whose sampling raises gets a
     RowFailedError in its place; the other rows are unaffected.
     """
-    # One device-to-host copy for both the greedy choice and the finiteness of every row.
-    picked, finite = torch.stack(
-        (torch.argmax(logits, dim=-1), torch.isfinite(logits).all(dim=-1).long())).tolist()
+    choice = torch.argmax(logits, dim=-1)  # (B,)
+    # argmax picks a NaN or +inf when a row has one, so the picked logit alone tells whether
+    # the row is finite: no second pass over (B, V). One device-to-host copy for both.
+    best = logits.gather(1, choice[:, None])[:, 0]
+    picked, finite = torch.stack((choice, torch.isfinite(best).long())).tolist()
     tokens: list[int | RowFailedError] = list(picked)
     special = [i for i, row in enumerate(rows) if not row.plain_greedy or not finite[i]]
     if special:

@@ -10,6 +10,12 @@ Admission: every chat, stream and score holds a place in `Admission` from its ar
 answer is complete, in total and per resolved adapter (the bare base counts as one adapter);
 past max_concurrent_requests or max_concurrent_per_adapter a request is refused at once with
 ConcurrencyLimitError instead of queueing, and its place is given back on every exit path.
+
+Tenants: every call carries its `Caller` (server/keys.py; ANONYMOUS when auth is off). Before the
+server-wide admission a key's own limits apply (server/ratelimit.py); a scoped key may resolve
+only adapters in its scope (PERMISSION_DENIED alike for one outside it and one that does not
+exist); and a session is seen only by the key that created it and by admin keys: for any other
+key it answers NOT_FOUND, in chat as in the session admin, as a session that does not exist.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from common.conversation import Message
-from server.adapter_cache import AdapterNotLoadedError
 from server.adapters import AdapterRegistry, AdapterVersion, Alias, AliasMove
 from server.config import ServerConfig
 from server.context import (
@@ -42,10 +48,13 @@ from server.errors import (
     InvalidArgumentError,
     NotFoundError,
     SessionStoreError,
+    UnauthenticatedError,
     UnavailableError,
 )
+from server.keys import ANONYMOUS, Caller, LiveKeys
 from server.logging_setup import NO_REQUEST, current_request_id, new_request_id
 from server.metrics import OTHER_LABEL
+from server.ratelimit import KeyLimiter
 from server.request import FinishEvent, GenerationRequest, TokenEvent
 from server.sampling import SamplingParams
 from server.sessions import Session, SessionInfo, SessionLocks
@@ -62,6 +71,8 @@ class ChatInput:
     sampling: SamplingParams
     truncation: str
     session_id: str
+    # Who asks; the default (auth off) sees every session and adapter, as before keys existed.
+    caller: Caller = ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,18 @@ class Turn:
     @property
     def conversation(self) -> list[Message]:
         return self.history + self.new
+
+
+def session_not_found(session_id: str) -> NotFoundError:
+    """The one answer for a session the caller may not see, existing or not."""
+    return NotFoundError(f"session {session_id!r} does not exist for this key (or has expired)")
+
+
+def check_owner(session_id: str, stored: Session | None, caller: Caller) -> Session | None:
+    """`stored` if `caller` may see it; NotFoundError if it belongs to another key."""
+    if stored is not None and not caller.owns(stored.owner):
+        raise session_not_found(session_id)
+    return stored
 
 
 def turn_of(session_id: str, stored: Session | None, new: list[Message]) -> Turn:
@@ -273,10 +296,12 @@ class InferenceCore:
     session_locks: SessionLocks = field(default_factory=SessionLocks)
     _loading: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     admission: Admission = field(init=False)
+    limiter: KeyLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.max_concurrent_requests,
                                    self.config.max_concurrent_per_adapter)
+        self.limiter = KeyLimiter(observer=self.metrics)
 
     def resolve(self, ref: str) -> AdapterVersion | None:
         """Blocking resolve (may rescan the disk); for worker threads."""
@@ -288,6 +313,22 @@ class InferenceCore:
             return None
         found = self.registry.lookup(ref)
         return found if found is not None else await asyncio.to_thread(self.registry.resolve, ref)
+
+    async def resolve_for(self, caller: Caller, ref: str) -> AdapterVersion | None:
+        """Resolve `ref` for `caller`. A scoped key hears the same PERMISSION_DENIED for an
+        adapter outside its scope as for one that does not resolve (or cannot be served), so it
+        learns nothing about other tenants' adapters; aliases are resolved before the check."""
+        if not caller.scoped:
+            return await self.resolve_async(ref)
+        try:
+            adapter = await self.resolve_async(ref)
+        except (NotFoundError, FailedPreconditionError, AdapterLoadError):
+            raise caller.out_of_scope(ref) from None
+        if adapter is None and not caller.may_use(None):
+            raise caller.out_of_scope(ref)
+        if adapter is not None and not caller.may_use(adapter.name, adapter.version):
+            raise caller.out_of_scope(ref)
+        return adapter
 
     async def ensure_loaded(self, adapter: AdapterVersion) -> Any:
         """Load `adapter` in a worker thread; concurrent callers share one load."""
@@ -301,12 +342,7 @@ class InferenceCore:
         try:
             return await asyncio.shield(task)
         except AdapterLoadError:
-            if adapter.path.is_dir():
-                raise
-            # Deleted since the last scan: rescan, so the caller hears NOT_FOUND listing what
-            # exists instead of a server path that is gone.
-            await asyncio.to_thread(self.registry.scan)
-            await asyncio.to_thread(self.registry.resolve, adapter.key)
+            await self.explain_load_failure(adapter)
             raise
         finally:
             if task.done():
@@ -314,20 +350,22 @@ class InferenceCore:
             else:
                 task.add_done_callback(lambda _: self._loading.pop(adapter.key, None))
 
-    async def with_adapter(self, adapter: AdapterVersion | None,
-                           call: Callable[[], Awaitable[Any]]) -> Any:
-        """Run `call`; when the engine says the adapter is not loaded, load it and try again.
+    async def explain_load_failure(self, adapter: AdapterVersion) -> None:
+        """After a failed load: when the version was deleted since the last scan, rescan and
+        raise NOT_FOUND listing what exists, instead of a server path that is gone."""
+        if adapter.path.is_dir():
+            return
+        await asyncio.to_thread(self.registry.scan)
+        await asyncio.to_thread(self.registry.resolve, adapter.key)
 
-        Two retries cover an eviction racing between our load and the resubmit.
-        """
-        for attempt in range(3):
-            try:
-                return await call()
-            except AdapterNotLoadedError:
-                if adapter is None or attempt == 2:
-                    raise
-                await self.ensure_loaded(adapter)
-        raise AssertionError("unreachable")
+    def engine_adapter(self, adapter: AdapterVersion | None) -> tuple[str | None, Path | None]:
+        """The engine's key and path for `adapter`. The engine loads a non-resident adapter
+        itself while the request waits, so its files are re-checked below the root first."""
+        if adapter is None:
+            return None, None
+        if not self.engine.is_loaded(adapter.key):
+            self.registry.check_still_inside(adapter)
+        return adapter.key, adapter.path
 
     def budget(self, max_new_tokens: int) -> int:
         """Prompt tokens allowed: the window minus the answer, capped by max_prompt_tokens."""
@@ -362,9 +400,7 @@ class InferenceCore:
 
     def summarize(self, messages: list[Message]) -> str:
         """Blocking (worker thread): a short summary written by the model itself, greedy."""
-        adapter = self.resolve(self.config.summarize_adapter)
-        if adapter is not None:
-            self.engine.load_adapter(adapter.key, adapter.path)
+        key, path = self.engine_adapter(self.resolve(self.config.summarize_adapter))
         text = _transcript(messages)
         window = self.limits.context_length
         # A small window still gets a summary: its answer may use at most a quarter of it.
@@ -381,31 +417,37 @@ class InferenceCore:
                 f"{window}-token window leaves {room}; raise context_length or choose "
                 "drop_oldest, sliding_window or middle_out")
         request = GenerationRequest(
-            request_id=f"{current_request_id()}-summary", prompt_ids=ids,
-            adapter=adapter.key if adapter else None,
-            sampling=SamplingParams(max_new_tokens=max_new))
+            request_id=f"{current_request_id()}-summary", prompt_ids=ids, adapter=key,
+            adapter_path=path, sampling=SamplingParams(max_new_tokens=max_new))
         for event in self.engine.submit(request):
             if isinstance(event, FinishEvent):
                 return event.text.strip()
         raise UnavailableError("the engine ended the summary without a finish event")
 
     @asynccontextmanager
-    async def session(self, session_id: str,
-                      messages: tuple[Message, ...]) -> AsyncIterator[Turn]:
+    async def session(self, session_id: str, messages: tuple[Message, ...],
+                      caller: Caller = ANONYMOUS) -> AsyncIterator[Turn]:
         """Hold `session_id` for one request (a second concurrent one gets ABORTED) and give
-        the stored history with the new messages."""
+        the stored history with the new messages; NOT_FOUND when another key owns it."""
         if not session_id:
             yield Turn("", [], list(messages))
             return
         if self.sessions is None:
             raise FailedPreconditionError(
                 "sessions are disabled on this server: start it with --sessions-db PATH")
+        if not caller.is_admin:
+            # Checked before the lock too: another key's busy session must answer NOT_FOUND,
+            # not ABORTED, or "busy" would tell that it exists.
+            check_owner(session_id, await asyncio.to_thread(self.sessions.get, session_id),
+                        caller)
         async with self.session_locks.acquire(session_id):
             stored = await asyncio.to_thread(self.sessions.get, session_id)
-            yield turn_of(session_id, stored, list(messages))
+            yield turn_of(session_id, check_owner(session_id, stored, caller), list(messages))
 
-    async def remember(self, turn: Turn, answer: str, cache: SummaryCache | None) -> None:
-        """Blocking store calls in a worker thread: append the turn, then the summary cache."""
+    async def remember(self, turn: Turn, answer: str, cache: SummaryCache | None,
+                       owner: str = "") -> None:
+        """Blocking store calls in a worker thread: append the turn (a new session is owned by
+        `owner`), then count the sessions."""
 
         def write() -> int | None:
             # The summary cache goes into the turn's own transaction: a failure after the turn
@@ -413,7 +455,7 @@ class InferenceCore:
             summary = (cache.to_dict() if cache is not None and cache != turn.cached_summary
                        else None)
             self.sessions.append_turn(turn.session_id, [*turn.new, Message("assistant", answer)],
-                                      summary)
+                                      summary, owner)
             try:
                 return self.sessions.count()
             except SessionStoreError:
@@ -453,13 +495,13 @@ def _check_score_length(core: InferenceCore, prompt: int, target: int) -> None:
 
 
 async def score(core: InferenceCore, messages: list[Message], continuation: str,
-                ref: str) -> ScoreOutcome:
+                ref: str, caller: Caller = ANONYMOUS) -> ScoreOutcome:
     """Log-likelihood of `continuation` as the assistant's answer after `messages`."""
     check_conversation(messages)
     if not continuation:
         raise InvalidArgumentError("continuation is empty: give the assistant text to score")
-    with core.admission.admit() as ticket:
-        adapter = await core.resolve_async(ref)
+    with core.limiter.admit(caller) or nullcontext(), core.admission.admit() as ticket:
+        adapter = await core.resolve_for(caller, ref)
         ticket.bind(adapter)
 
         def tokenize() -> tuple[list[int], list[int]]:
@@ -468,12 +510,13 @@ async def score(core: InferenceCore, messages: list[Message], continuation: str,
 
         prompt_ids, target_ids = await asyncio.to_thread(tokenize)
         _check_score_length(core, len(prompt_ids), len(target_ids))
-        key = adapter.key if adapter else None
-
-        async def run() -> Any:
-            return await asyncio.to_thread(core.engine.score, prompt_ids, target_ids, key)
-
-        scored = await core.with_adapter(adapter, run)
+        key, path = core.engine_adapter(adapter)
+        try:
+            scored = await asyncio.to_thread(core.engine.score, prompt_ids, target_ids, key, path)
+        except AdapterLoadError:
+            if adapter is not None:
+                await core.explain_load_failure(adapter)
+            raise
     return ScoreOutcome(scored.log_likelihood, scored.token_count, len(prompt_ids), adapter, ref)
 
 
@@ -504,27 +547,43 @@ class ChatCall:
         """Deltas as tokens arrive, then exactly one ChatResult."""
         started = time.monotonic()
         label = UNRESOLVED_LABEL if self.chat.adapter else None
+        caller = self.chat.caller
+        generated = 0
         try:
-            with self.core.admission.admit() as ticket:
-                adapter = await self.core.resolve_async(self.chat.adapter)
+            with self.core.limiter.admit(caller) or nullcontext() as permit, \
+                    self.core.admission.admit() as ticket:
+                adapter = await self.core.resolve_for(caller, self.chat.adapter)
                 label = adapter_label(adapter)
                 ticket.bind(adapter)
-                async with self.core.session(self.chat.session_id, self.chat.messages) as turn:
+                async with self.core.session(self.chat.session_id, self.chat.messages,
+                                             caller) as turn:
                     async for item in self._generate(adapter, turn):
+                        generated = item.completion_tokens
                         if isinstance(item, ChatResult):
                             if turn.session_id and item.finish_reason != "cancelled":
                                 # Stored before the client sees the answer, so its next turn
                                 # finds it.
-                                await self.core.remember(turn, item.text, self._summary_cache)
+                                await self.core.remember(turn, item.text, self._summary_cache,
+                                                         caller.key_id)
                             # Complete: a client that sends its next request on reading this
                             # answer must find the place free.
                             ticket.release()
+                            if permit is not None:
+                                permit.charge(generated)
+                                permit.release()
+                            generated = 0
+                            self.core.metric("observe_key_request", caller.name, "OK",
+                                             item.completion_tokens)
                         yield item
         except BaseException as e:
             gone = isinstance(e, asyncio.CancelledError | GeneratorExit)
             code = "CANCELLED" if gone else self.code_of(e)
             self.core.metric("observe_request", label, code, None, None,
                              time.monotonic() - started, 0, 0)
+            self.core.metric("observe_key_request", caller.name, code, generated)
+            if generated:
+                # Tokens of an answer that failed or was cancelled midway were still generated.
+                self.core.limiter.charge(caller.key_id, generated)
             raise
 
     async def _generate(self, adapter: AdapterVersion | None,
@@ -535,15 +594,11 @@ class ChatCall:
                                           self.chat.truncation, turn.cached_summary)
         self._summary_cache = fit.summary_cache
         truncation = truncation_of(fit, budget)
-        request = GenerationRequest(
-            request_id=self.request_id, prompt_ids=fit.prompt_ids,
-            adapter=adapter.key if adapter else None, sampling=self.chat.sampling,
-            deadline=self.deadline,
-        )
-        async def submit() -> Any:
-            return self.core.engine.submit(request)
-
-        self._handle = await self.core.with_adapter(adapter, submit)
+        key, path = self.core.engine_adapter(adapter)
+        self._handle = self.core.engine.submit(GenerationRequest(
+            request_id=self.request_id, prompt_ids=fit.prompt_ids, adapter=key,
+            adapter_path=path, sampling=self.chat.sampling, deadline=self.deadline,
+        ))
         if self._cancelled:
             self._handle.cancel()
         try:
@@ -557,15 +612,20 @@ class ChatCall:
     async def _stream(self, adapter: AdapterVersion | None) -> AsyncIterator[Any]:
         last = time.monotonic()
         label = adapter_label(adapter)
-        async for event in self._handle:
-            if isinstance(event, TokenEvent):
-                now = time.monotonic()
-                self.core.metric("observe_inter_token", label, now - last)
-                last = now
-                yield Delta(event.text_delta, event.completion_tokens)
-            else:
-                self._finished = True
-                yield event
+        try:
+            async for event in self._handle:
+                if isinstance(event, TokenEvent):
+                    now = time.monotonic()
+                    self.core.metric("observe_inter_token", label, now - last)
+                    last = now
+                    yield Delta(event.text_delta, event.completion_tokens)
+                else:
+                    self._finished = True
+                    yield event
+        except AdapterLoadError:  # the engine's load of it failed while the request waited
+            if adapter is not None:
+                await self.core.explain_load_failure(adapter)
+            raise
 
     def _result(self, finish: FinishEvent, adapter: AdapterVersion | None,
                 truncation: Truncation) -> ChatResult:
@@ -698,27 +758,36 @@ class AdapterAdmin:
 # ---------------------------------------------------------------- session administration
 
 class SessionAdmin:
-    """Read and delete stored conversations; the store's blocking calls run in worker threads."""
+    """Read and delete stored conversations: an admin key every one, another key only its own
+    (others answer as absent); the store's blocking calls run in worker threads."""
 
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, caller: Caller = ANONYMOUS) -> None:
         self.core = core
+        self.caller = caller
         if core.sessions is None:
             raise FailedPreconditionError(
                 "sessions are disabled on this server: start it with --sessions-db PATH")
         self.store = core.sessions
 
+    @property
+    def _owner(self) -> str | None:
+        """The owner filter of the store's list and delete: None (every owner) for admins."""
+        return None if self.caller.is_admin else self.caller.key_id
+
     async def get(self, session_id: str) -> Session:
         stored = await asyncio.to_thread(self.store.get, session_id)
-        if stored is None:
-            raise NotFoundError(f"session {session_id!r} does not exist (or has expired)")
+        if check_owner(session_id, stored, self.caller) is None:
+            raise session_not_found(session_id)
         return stored
 
     async def list(self, limit: int) -> list[SessionInfo]:
-        return await asyncio.to_thread(self.store.list, limit)
+        return await asyncio.to_thread(self.store.list, limit, self._owner)
 
     async def delete(self, session_id: str) -> bool:
+        """True when deleted; False for a session that does not exist and for another key's
+        (the same answer, so it tells nothing)."""
         def delete() -> tuple[bool, int]:
-            return self.store.delete(session_id), self.store.count()
+            return self.store.delete(session_id, self._owner), self.store.count()
 
         deleted, count = await asyncio.to_thread(delete)
         self.core.metric("set_sessions", count)
@@ -728,11 +797,25 @@ class SessionAdmin:
 # ---------------------------------------------------------------- what the servicers reach
 
 class Runtime:
-    """What the servicers reach; `core` is None until the base model has loaded."""
+    """What the servicers reach; `core` is None until the base model has loaded. `keys` is None
+    when auth is off (every caller is ANONYMOUS); `audit` is None without --audit-log."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, keys: LiveKeys | None = None,
+                 audit: Any = None) -> None:
         self.config = config
         self.core: InferenceCore | None = None
+        self.keys = keys
+        self.audit = audit
+
+    def caller(self, key: str | None) -> Caller:
+        """Who sent `key`: ANONYMOUS when auth is off; UnauthenticatedError for a key that is
+        not (or no longer, after a reload) configured."""
+        if self.keys is None:
+            return ANONYMOUS
+        caller = self.keys.identify(key)
+        if caller is None:
+            raise UnauthenticatedError("the key sent with this call is not (or no longer) valid")
+        return caller
 
     def require(self) -> InferenceCore:
         if self.core is None:

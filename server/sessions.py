@@ -20,6 +20,12 @@ propagate unchanged. A database that cannot be opened fails startup naming the p
 
 Several replicas need a shared store instead (PostgreSQL or Redis) behind the same protocol; a
 replica-wide lock then replaces `SessionLocks` (see the README's Sessions section).
+
+Ownership: every session records the key id (server/keys.py) of the key that created it, its
+`owner`; "" means no one, which is what sessions made before owners existed get (schema 2
+migration) and what sessions made without authentication get: only admin keys see those. The
+store only records and filters by owner (`list`, `delete`); who may see what is decided by the
+chat pipeline and the session admin (server/service.py).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from server.errors import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 # How long a write waits for another process's lock on the file before it fails. One server owns
 # its file, so this only matters when something else (a backup, the sqlite3 shell) holds it; a
@@ -75,8 +81,15 @@ _SCHEMA_V1 = (
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
 )
+# Version 2: the owning key id; existing sessions get "" (no one: admin-only).
+_SCHEMA_V2 = (
+    "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX sessions_by_owner ON sessions(owner, updated)",
+)
 # Migrations from version N-1 to N, applied in order inside one transaction.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# `owner` argument meaning "whoever owns it" (an admin's view).
+ANY_OWNER = None
 
 
 def validate_session_id(session_id: str) -> str:
@@ -95,6 +108,7 @@ class SessionInfo:
     updated: float
     turns: int
     message_count: int
+    owner: str = ""  # key id of the creator; "" = no one (admin-only)
 
 
 @dataclass(frozen=True)
@@ -105,32 +119,41 @@ class Session:
     created: float = 0.0
     updated: float = 0.0
     turns: int = 0
+    owner: str = ""
 
 
 class SessionStore(Protocol):
     """What the server needs from a session store. Every method is blocking and thread-safe;
-    times are Unix seconds. Expired sessions behave as absent."""
+    times are Unix seconds. Expired sessions behave as absent.
+
+    Owners (schema 2): `Session.owner` / `SessionInfo.owner` carry the creator's key id ("" =
+    no one). `ensure` and `append_turn` set it when they create the session and never change
+    it; `list` and `delete` take `owner` (ANY_OWNER = None: every owner) and act only on that
+    owner's sessions, so a listing's limit counts that owner's sessions only."""
 
     def get(self, session_id: str) -> Session | None: ...
 
-    def ensure(self, session_id: str) -> SessionInfo:
-        """The session, created empty if it does not exist."""
+    def ensure(self, session_id: str, owner: str = "") -> SessionInfo:
+        """The session, created empty (owned by `owner`) if it does not exist."""
         ...
 
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
-                    summary_cache: dict[str, Any] | None = None) -> SessionInfo:
+                    summary_cache: dict[str, Any] | None = None,
+                    owner: str = "") -> SessionInfo:
         """Append one turn atomically (all its messages, and the summary cache if given, or
-        nothing), creating the session if needed; may evict the least recently updated
-        sessions past the store's cap."""
+        nothing), creating the session (owned by `owner`) if needed; may evict the least
+        recently updated sessions past the store's cap."""
         ...
 
     def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool: ...
 
-    def list(self, limit: int = 100) -> list[SessionInfo]:
-        """The most recently updated sessions first."""
+    def list(self, limit: int = 100, owner: str | None = ANY_OWNER) -> list[SessionInfo]:
+        """The most recently updated sessions (of `owner`) first."""
         ...
 
-    def delete(self, session_id: str) -> bool: ...
+    def delete(self, session_id: str, owner: str | None = ANY_OWNER) -> bool:
+        """Delete the session if it exists (and belongs to `owner`)."""
+        ...
 
     def count(self) -> int: ...
 
@@ -267,7 +290,7 @@ class SQLiteSessionStore:
     def _info(self, db: sqlite3.Connection, session_id: str) -> SessionInfo | None:
         row = db.execute(
             "SELECT s.id, s.created, s.updated, s.turns, "
-            "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) "
+            "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), s.owner "
             "FROM sessions s WHERE s.id = ? AND s.updated >= ?",
             (session_id, self._cutoff(self._clock()))).fetchone()
         return SessionInfo(*row) if row else None
@@ -275,32 +298,33 @@ class SQLiteSessionStore:
     def get(self, session_id: str) -> Session | None:
         with self._reading() as db:
             row = db.execute(
-                "SELECT created, updated, turns, summary FROM sessions WHERE id = ? "
+                "SELECT created, updated, turns, summary, owner FROM sessions WHERE id = ? "
                 "AND updated >= ?", (session_id, self._cutoff(self._clock()))).fetchone()
             if row is None:
                 return None
             messages = [Message(role, content) for role, content in db.execute(
                 "SELECT role, content FROM messages WHERE session_id = ? ORDER BY seq",
                 (session_id,))]
-        created, updated, turns, summary = row
-        return Session(session_id, messages, json.loads(summary), created, updated, turns)
+        created, updated, turns, summary, owner = row
+        return Session(session_id, messages, json.loads(summary), created, updated, turns, owner)
 
-    def ensure(self, session_id: str) -> SessionInfo:
+    def ensure(self, session_id: str, owner: str = "") -> SessionInfo:
         validate_session_id(session_id)
         with self._writing(f"session {session_id!r} was not created") as db:
-            self._create_or_revive(db, session_id, self._clock())
+            self._create_or_revive(db, session_id, self._clock(), owner)
             info = self._info(db, session_id)
         assert info is not None
         return info
 
-    def _create_or_revive(self, db: sqlite3.Connection, session_id: str, now: float) -> bool:
-        """Create the session if absent; an expired one is replaced by an empty one. Returns
-        whether a session was created."""
+    def _create_or_revive(self, db: sqlite3.Connection, session_id: str, now: float,
+                          owner: str) -> bool:
+        """Create the session (owned by `owner`) if absent; an expired one is replaced by an
+        empty one. Returns whether a session was created."""
         db.execute("DELETE FROM sessions WHERE id = ? AND updated < ?",
                    (session_id, self._cutoff(now)))
         created = db.execute(
-            "INSERT INTO sessions (id, created, updated) VALUES (?, ?, ?) "
-            "ON CONFLICT(id) DO NOTHING", (session_id, now, now)).rowcount == 1
+            "INSERT INTO sessions (id, created, updated, owner) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(id) DO NOTHING", (session_id, now, now, owner)).rowcount == 1
         if created:
             self._enforce_cap(db, keep=session_id)
         return created
@@ -313,7 +337,8 @@ class SQLiteSessionStore:
                 "ORDER BY updated DESC LIMIT -1 OFFSET ?)", (keep, cap - 1))
 
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
-                    summary_cache: dict[str, Any] | None = None) -> SessionInfo:
+                    summary_cache: dict[str, Any] | None = None,
+                    owner: str = "") -> SessionInfo:
         validate_session_id(session_id)
         if not new_messages:
             raise InvalidArgumentError("a turn needs at least one message")
@@ -321,7 +346,7 @@ class SQLiteSessionStore:
                     "without this one; send the turn again later")
         with self._writing(not_done) as db:
             now = self._clock()
-            self._create_or_revive(db, session_id, now)
+            self._create_or_revive(db, session_id, now, owner)
             seq, turn = db.execute(
                 "SELECT COALESCE(MAX(seq), -1) + 1, (SELECT turns FROM sessions WHERE id = ?) "
                 "FROM messages WHERE session_id = ?", (session_id, session_id)).fetchone()
@@ -345,20 +370,22 @@ class SQLiteSessionStore:
                               (json.dumps(summary_cache), session_id,
                                self._cutoff(self._clock()))).rowcount == 1
 
-    def list(self, limit: int = 100) -> list[SessionInfo]:
+    def list(self, limit: int = 100, owner: str | None = ANY_OWNER) -> list[SessionInfo]:
         if limit <= 0:
             raise InvalidArgumentError(f"limit must be positive, got {limit}")
         with self._reading() as db:
             rows = db.execute(
                 "SELECT s.id, s.created, s.updated, s.turns, "
-                "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) "
-                "FROM sessions s WHERE s.updated >= ? ORDER BY s.updated DESC, s.id LIMIT ?",
-                (self._cutoff(self._clock()), limit)).fetchall()
+                "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), s.owner "
+                "FROM sessions s WHERE s.updated >= ? AND (? IS NULL OR s.owner = ?) "
+                "ORDER BY s.updated DESC, s.id LIMIT ?",
+                (self._cutoff(self._clock()), owner, owner, limit)).fetchall()
         return [SessionInfo(*row) for row in rows]
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, owner: str | None = ANY_OWNER) -> bool:
         with self._writing(f"session {session_id!r} was not deleted") as db:
-            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 1
+            return db.execute("DELETE FROM sessions WHERE id = ? AND (? IS NULL OR owner = ?)",
+                              (session_id, owner, owner)).rowcount == 1
 
     def count(self) -> int:
         with self._reading() as db:

@@ -173,12 +173,21 @@ def sessions(channel):
 SERVER_START_TIMEOUT_S = 120.0
 
 
+def free_port() -> int:
+    """A loopback TCP port free right now (for a metrics or HTTP port that cannot be 0)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class ServerProcess:
     """`python -m server.cli serve` in a subprocess on port 0, its output appended to `log`;
     `wait_serving` reads the port from its "ready on" line, written once health is SERVING."""
 
     def __init__(self, base: Path, adapters: Path, db: Path, log: Path,
-                 grace: float = 1.0) -> None:
+                 grace: float = 1.0, extra: tuple[str, ...] = ()) -> None:
         import subprocess
         import sys
 
@@ -187,7 +196,7 @@ class ServerProcess:
         self.port = 0
         argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
                 "--adapters-root", str(adapters), "--port", "0", "--device", "cpu",
-                "--sessions-db", str(db), "--shutdown-grace-seconds", str(grace)]
+                "--sessions-db", str(db), "--shutdown-grace-seconds", str(grace), *extra]
         with log.open("a") as sink:
             self.process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1],
                                             stdout=sink, stderr=sink)

@@ -21,11 +21,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 @dataclass(frozen=True)
 class DecodeWrite:
-    """Rows [0, rows) each write one token at column `positions[r]`; attention reads columns
-    [0, width)."""
+    """Rows [0, rows) each write one token at their own column; attention reads columns
+    [0, width). `flat_index` (rows * kv_heads,) addresses (row, head, column) in a layer's
+    keys viewed as (max_rows * kv_heads * capacity, head_dim)."""
 
     rows: int
-    positions: torch.Tensor  # (rows,) long, on the cache's device
+    flat_index: torch.Tensor
     width: int
 
 
@@ -47,6 +48,10 @@ class _Layer(CacheLayerMixin):
     def __init__(self, cache: SlotKVCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.cache, self.keys, self.values = cache, keys, values
+        # Flat views for decode writes: one index_copy_ per tensor instead of an advanced-
+        # index assignment (several times slower on the CPU).
+        self._flat_keys = keys.view(-1, keys.shape[-1])
+        self._flat_values = values.view(-1, values.shape[-1])
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -57,10 +62,11 @@ class _Layer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.cache.plan
         if isinstance(plan, DecodeWrite):
-            rows = self.cache.row_index[: plan.rows]
-            # keys[r, :, positions[r]] = key_states[r, :, 0] for every row r: (B, H, D)
-            self.keys[rows, :, plan.positions] = key_states[:, :, 0]
-            self.values[rows, :, plan.positions] = value_states[:, :, 0]
+            # keys[r, h, positions[r]] = key_states[r, h, 0] for every row r and head h
+            head_dim = key_states.shape[-1]
+            self._flat_keys.index_copy_(0, plan.flat_index, key_states.reshape(-1, head_dim))
+            self._flat_values.index_copy_(0, plan.flat_index,
+                                          value_states.reshape(-1, head_dim))
             width = plan.width
             return self.keys[: plan.rows, :, :width], self.values[: plan.rows, :, :width]
         assert isinstance(plan, PrefillWrite), "the runner sets a write plan before a forward"
@@ -96,8 +102,16 @@ class SlotKVCache(Cache):
         super().__init__(layers=layers)
         self.max_rows = max_rows
         self.capacity = capacity
-        self.row_index = torch.arange(max_rows, device=device)  # static rows for decode writes
+        # (max_rows, kv_heads): where each (row, head) starts in a layer's flat keys.
+        self._row_heads = torch.arange(max_rows * kv_heads, device=device).view(
+            max_rows, kv_heads) * capacity
+        self.device = torch.device(device)
         self.plan: DecodeWrite | PrefillWrite | None = None
+
+    def decode_write(self, rows: int, positions: torch.Tensor, width: int) -> DecodeWrite:
+        """The plan for rows [0, rows) each writing at its `positions[r]` (rows,)."""
+        flat = (self._row_heads[:rows] + positions[:, None]).reshape(-1)
+        return DecodeWrite(rows, flat, width)
 
     @classmethod
     def for_model(cls, model: Any, max_rows: int, capacity: int) -> SlotKVCache:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from server.engine.kv import DecodeWrite, PrefillWrite, SlotKVCache
+from server.engine.kv import PrefillWrite, SlotKVCache
 from server.lora import LoraStack
 from server.request import Request
 from server.sampling import sample_batch
@@ -56,7 +56,7 @@ class ModelRunner:
         self.config = config
         self.pad_id = pad_id
         self.kv = SlotKVCache.for_model(model, config.max_rows, config.max_seq_len)
-        device = self.kv.row_index.device
+        device = self.kv.device
         self.device = device
         self._attention = attention_kind(model)
         self._mask_dtype = model.get_input_embeddings().weight.dtype
@@ -102,7 +102,7 @@ class ModelRunner:
         """(n, V) logits of rows [0, n) fed `next_ids` at `lengths`, attending [0, width)."""
         positions = self.lengths[:n]
         allowed = self.columns[None, :width] <= positions[:, None]  # (n, width)
-        self.kv.plan = DecodeWrite(n, positions, width)
+        self.kv.plan = self.kv.decode_write(n, positions, width)
         hidden = self.decoder(
             input_ids=self.next_ids[:n, None], position_ids=positions[:, None],
             attention_mask=self._mask(allowed[:, None, None, :]), cache=self.kv, use_cache=True,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_serving.py"
+ENGINE_SCRIPT = SCRIPT.with_name("bench_engine.py")
 
 
 def test_bench_serving_smoke(tiny_base: Path, tmp_path: Path) -> None:
@@ -16,12 +17,16 @@ def test_bench_serving_smoke(tiny_base: Path, tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(tmp_path),
          "--out", str(out), "--requests", "4", "--adapters", "2", "--min-tokens", "2",
          "--max-tokens", "4", "--mix-tokens", "4", "--rounds", "1", "--loads", "2",
-         "--swaps", "1", "--swap-requests", "2"],
+         "--swaps", "1", "--swap-requests", "2", "--streams", "2,3", "--stream-adapters", "2",
+         "--device", "cpu"],
         check=True, timeout=120, capture_output=True, text=True,
     )
     result = json.loads(out.read_text())
 
-    assert {"machine", "runs", "adapter_load", "hot_swap", "table", "summary"} <= set(result)
+    assert {"machine", "runs", "adapter_load", "hot_swap", "table", "summary", "streams",
+            "device"} <= set(result)
+    assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [(2, 2), (3, 2)]
+    assert all(r["tokens_per_s"] > 0 and r["floor_ms"] is None for r in result["streams"])
     assert [r["target"] for r in result["table"]][:4] == [">= 8", ">= 0.85", ">= 0.7", "<= 1.5"]
     for run in result["runs"]:
         assert run["tokens"] > 0 and run["seconds"] > 0 and run["tokens_per_s"] > 0
@@ -35,3 +40,23 @@ def test_bench_serving_smoke(tiny_base: Path, tmp_path: Path) -> None:
     swap = result["hot_swap"]["swap"]
     assert swap["failed"] == 0 and swap["requests"] == 4 * 2
     assert result["hot_swap"]["steady"]["p99_s"] > 0
+
+
+def test_bench_engine_smoke(tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    subprocess.run(
+        [sys.executable, str(ENGINE_SCRIPT), "--base", str(tiny_base), "--out", str(out),
+         "--requests", "4", "--adapters", "2", "--min-tokens", "2", "--max-tokens", "4",
+         "--mix-tokens", "4", "--rounds", "1", "--streams", "2,4", "--stream-adapters", "2",
+         "--device", "cpu"],
+        check=True, timeout=180, capture_output=True, text=True,
+    )
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["graph_capture_s"] is None
+    assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [
+        (2, 2), (2, 1), (4, 2), (4, 1)]
+    for run in result["streams"]:
+        # The engine times its own work apart from the model forward; no floor on the CPU.
+        assert run["engine_ms_per_step"] > 0 and run["forward_ms_per_step"] > 0
+        assert run["floor_ms"] is None and run["vs_floor"] is None
+    assert result["summary"]["engine_vs_naive"] > 0

@@ -83,7 +83,7 @@ def test_every_dashboard_metric_is_exported() -> None:
     metrics.on_adapter_loaded("b@1", 0.1, 1)
     metrics.on_adapter_evicted("a@1")
     metrics.on_adapter_load_failed("a@1")
-    metrics.on_token("r", "a@1")
+    metrics.on_tokens("a@1", 1)
     metrics.set_info("v", "b", "cpu")
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
     exported |= {"switchboard_accelerator_memory_allocated_bytes",

@@ -385,7 +385,7 @@ class HookTraffic:
             self._churn_adapters()
             m.on_step(4, 4, rng.randint(0, 3), 3)
             for adapter in self.ADAPTERS:
-                m.on_token(f"r-{adapter}", adapter)
+                m.on_tokens(adapter, 1)
                 m.observe_inter_token(adapter, rng.uniform(0.005, 0.05))
                 code = "OK" if rng.random() > 0.1 else "INTERNAL"
                 m.observe_request(adapter, code, rng.uniform(0, 0.05), rng.uniform(0.05, 0.5),

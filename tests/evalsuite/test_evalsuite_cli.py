@@ -91,7 +91,8 @@ def test_report_without_a_gate_passes_and_says_so(tmp_path: Path) -> None:
                           names=["rougeL", "perplexity"])
     assert report["passed"] and report["gate"] is None
     assert list(report["metrics"]) == ["rougeL", "perplexity"]
-    assert "No gate file" in write_reports(report, tmp_path)["md"].read_text()
+    md = write_reports(report, tmp_path)["md"].read_text()
+    assert "No gate (`--gate none`): report only" in md
 
 
 # ---------------------------------------------------------------- promotion rules

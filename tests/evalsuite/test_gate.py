@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.gate import Gate, GateError, MetricRule, apply_gate, gate_from_mapping, load_gate
+from evalsuite.gate import (
+    PENDING,
+    Gate,
+    GateError,
+    MetricRule,
+    apply_gate,
+    default_gate,
+    gate_from_mapping,
+    load_gate,
+)
 from evalsuite.stats import Comparison
 
 
@@ -111,3 +120,41 @@ def test_relative_change_from_a_zero_baseline() -> None:
     gate = gate_from_mapping({"failure_rate": {"max_increase_pct": 50}})
     assert apply_gate(gate, "c", {"failure_rate": comp(0.0, 0.0)}).passed
     assert not apply_gate(gate, "c", {"failure_rate": comp(0.0, 0.1)}).passed
+
+
+def test_the_default_gate_fails_only_a_significant_quality_regression() -> None:
+    gate = default_gate()
+    assert [r.metric for r in gate.rules] == ["rougeL", "chrf", "perplexity", "failure_rate"]
+    clean = {"rougeL": comp(0.5, 0.52), "chrf": comp(40, 41), "perplexity": comp(9.0, 8.5),
+             "failure_rate": comp(0.0, 0.0, p=1.0)}
+    assert apply_gate(gate, "c", clean).passed
+    # The case: ROUGE-L -0.245, p = 0.002.
+    worse = apply_gate(gate, "c", {**clean, "rougeL": comp(0.5, 0.255, p=0.002)})
+    assert not worse.passed and worse.regressed
+    assert [(c.metric, c.reason) for c in worse.checks if not c.passed] == [
+        ("rougeL", "change 0.245 > 0")]
+    noise = apply_gate(gate, "c", {**clean, "perplexity": comp(9.0, 9.4, p=0.2)})
+    assert noise.passed
+    failing = apply_gate(gate, "c", {**clean, "failure_rate": comp(0.0, 0.2, p=0.01)})
+    assert not failing.passed
+    # Perplexity without --score, ROUGE without references: skipped, not failed.
+    unmeasured = apply_gate(gate, "c", {**clean, "perplexity": comp(math.nan, math.nan)})
+    assert unmeasured.passed
+    assert "not measured (if_measured)" in [c.reason for c in unmeasured.checks]
+
+
+def test_human_rules_are_pending_until_people_rated() -> None:
+    gate = gate_from_mapping({"rougeL": {"max_drop": 0.1}, "human_win_rate": {"min_value": 0.5},
+                              "human_accuracy": {"max_drop": 0.2}})
+    waiting = apply_gate(gate, "c", {"rougeL": comp(0.5, 0.5)})
+    assert not waiting.passed and not waiting.regressed
+    assert [c.reason for c in waiting.checks if c.pending] == [PENDING, PENDING]
+    assert waiting.to_dict()["pending"] is True
+    rated = apply_gate(gate, "c", {"rougeL": comp(0.5, 0.5), "human_win_rate": comp(0.4, 0.6),
+                                   "human_accuracy": comp(4.0, 3.9)})
+    assert rated.passed and not rated.to_dict()["pending"]
+    lost = apply_gate(gate, "c", {"rougeL": comp(0.5, 0.5), "human_win_rate": comp(0.6, 0.4),
+                                  "human_accuracy": comp(4.0, 3.9)})
+    assert lost.regressed and lost.checks[1].reason == "0.4 is below 0.5"
+    with pytest.raises(GateError, match="metric 'human_wit' is unknown; known: .*human_win_rate"):
+        gate_from_mapping({"human_wit": {"min_value": 1}})

@@ -15,6 +15,7 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.app import RunningServer, start_in_thread
 from server.cli import build_parser, config_from_args
 from server.config import ServerConfig
+from server.keys import KeyKind, KeyRing
 
 SERVICES = {"switchboard.v1.InferenceService", "switchboard.v1.AdapterService",
             "switchboard.v1.SessionService"}
@@ -151,8 +152,10 @@ def test_keys_come_from_files_and_the_environment(tmp_path: Path) -> None:
         "--api-keys-file", str(tmp_path / "api.keys"),
         "--admin-keys-file", str(tmp_path / "admin.keys")])
     config = config_from_args(args, {"SWITCHBOARD_API_KEYS": "k-api-from-env-00000, " + API_KEY})
-    assert config.api_keys == (API_KEY, "k-api-second-key-0000", "k-api-from-env-00000")
-    assert config.admin_keys == (ADMIN_KEY,) and config.auth_enabled
+    ring = KeyRing(config.key_sources.load())
+    assert {ring.kind_of(k) for k in (API_KEY, "k-api-second-key-0000", "k-api-from-env-00000")} \
+        == {KeyKind.API}
+    assert ring.kind_of(ADMIN_KEY) is KeyKind.ADMIN and len(ring) == 4 and config.auth_enabled
     assert API_KEY not in repr(config) and ADMIN_KEY not in repr(config)
 
 

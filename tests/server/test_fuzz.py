@@ -14,7 +14,9 @@ and the server is still SERVING and answering chats afterwards. Requests come tw
   junk spliced in; and plain random bytes. They go through a channel method without serializer.
 
 Typed requests are also sent several at a time (shared engine steps, pins, session locks), and
-a second server with keys gets wrong keys in every header form (all must be UNAUTHENTICATED).
+a second server with keys gets wrong keys in every header form (all must be UNAUTHENTICATED),
+and chat, stream and score requests from a key scoped to some adapters (served only on those;
+any other reference is PERMISSION_DENIED, never NOT_FOUND, and the refusal lists nothing).
 
 One module-scoped server with the tiny base, a private copy of the adapters root (SetAlias,
 UnloadAdapter and DeleteSession only ever touch that copy, checked at the end), a sessions
@@ -576,10 +578,13 @@ def test_concurrent_requests_end_ok_or_in_a_documented_status(channel: grpc.Chan
 
 
 API_KEY, ADMIN_KEY = "fuzz-api-key-0123456789", "fuzz-admin-key-0123456789"
+SCOPED_KEY = "fuzz-scoped-key-0123456789"
+SCOPE = ("alpha@1", "__base__")  # a tenant that may use alpha version 1 and the bare base
+SCOPED_EXAMPLES = 40
 ascii_texts = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
 wrong_keys = st.one_of(
     # Near misses of the real keys; none merely adds spaces around one (those are stripped).
-    st.sampled_from([k for key in (API_KEY, ADMIN_KEY) for k in (
+    st.sampled_from([k for key in (API_KEY, ADMIN_KEY, SCOPED_KEY) for k in (
         key[:-1], key + "x", "x" + key, key.upper(), key[:8], key.replace("-", "_"),
         key[::-1], f"{key} {key}", f"{key},{ADMIN_KEY}")]),
     ascii_texts,
@@ -599,10 +604,14 @@ def guarded(tiny_base: Path, adapters_root: Path,
     """A second server, with keys, for the metadata fuzz (on its own copy of the root)."""
     root = tmp_path_factory.mktemp("fuzz-auth") / "adapters"
     shutil.copytree(adapters_root, root)
+    keys_file = root.parent / "keys.toml"
+    keys_file.write_text(f'[[keys]]\nname = "fuzz-scoped"\nkey = "{SCOPED_KEY}"\n'
+                         f'adapters = {list(SCOPE)!r}\n'.replace("'", '"'))
     running = start_in_thread(ServerConfig(
         base=str(tiny_base), adapters_root=root, port=0, device="cpu", max_loaded_adapters=2,
         default_max_new_tokens=4, max_new_tokens_limit=ANSWER_LIMIT, context_length=CONTEXT,
-        api_keys=(API_KEY,), admin_keys=(ADMIN_KEY,), shutdown_grace_seconds=1.0))
+        api_keys=(API_KEY,), admin_keys=(ADMIN_KEY,), keys_file=keys_file,
+        shutdown_grace_seconds=1.0))
     with grpc.insecure_channel(running.target) as ch:
         yield ch
     running.stop()
@@ -621,6 +630,43 @@ def test_wrong_keys_in_any_form_are_unauthenticated(guarded: grpc.Channel) -> No
     admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
     assert invoke(guarded, RPCS["ListSessions"], b"", admin).code is not \
         grpc.StatusCode.UNAUTHENTICATED
+
+
+def served_adapter(rpc: Rpc, outcome: Outcome) -> pb.AdapterRef:
+    if rpc.name == "Score":
+        return pb.ScoreResponse.FromString(outcome.replies[0]).adapter
+    if rpc.name == "ChatStream":
+        return pb.ChatChunk.FromString(outcome.replies[-1]).final.adapter
+    return pb.ChatResponse.FromString(outcome.replies[0]).adapter
+
+
+def test_a_scoped_key_is_served_only_in_its_scope_and_learns_nothing_else(
+        guarded: grpc.Channel) -> None:
+    """Whatever the adapter reference, a scoped key is served on an adapter of its scope or
+    refused PERMISSION_DENIED (or INVALID_ARGUMENT for a malformed request), never NOT_FOUND,
+    and no refusal names an adapter the request did not."""
+    scoped = (("authorization", f"Bearer {SCOPED_KEY}"),)
+    inference = [RPCS[name] for name in ("Chat", "ChatStream", "Score")]
+
+    @settings(FUZZ, max_examples=SCOPED_EXAMPLES)
+    @given(st.sampled_from(inference).flatmap(
+        lambda rpc: st.tuples(st.just(rpc), REQUESTS[rpc.name])))
+    def check(call: tuple[Rpc, Message]) -> None:
+        rpc, request = call
+        outcome = invoke(guarded, rpc, request.SerializeToString(), scoped)
+        assert outcome.code in DOCUMENTED | {grpc.StatusCode.OK,
+                                             grpc.StatusCode.PERMISSION_DENIED}, \
+            (rpc.name, describe(request), outcome)
+        assert outcome.code is not grpc.StatusCode.NOT_FOUND, (describe(request), outcome)
+        if outcome.code is grpc.StatusCode.OK:
+            served = served_adapter(rpc, outcome)
+            assert (served.name, served.version) in {("alpha", 1), ("", 0)}, served
+        if outcome.code is grpc.StatusCode.PERMISSION_DENIED:
+            assert "not available to key 'fuzz-scoped'" in outcome.details
+            told = outcome.details.replace(repr(request.adapter.strip()), "")
+            assert "beta" not in told and "alpha@2" not in told, outcome.details
+
+    check()
 
 
 # ---------------------------------------------------------------- regressions the fuzz found

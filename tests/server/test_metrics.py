@@ -22,9 +22,8 @@ def _drive(metrics: Metrics) -> None:
     metrics.set_capacity(max_queue=256, max_batch=16, max_loaded_adapters=8)
     metrics.on_adapter_loaded("alpha@1", 0.25, 4096)
     metrics.on_step(batch_size=2, running=2, waiting=1, adapters_in_batch=2)
-    for _ in range(3):
-        metrics.on_token("r1", "alpha@1")
-    metrics.on_token("r2", None)
+    metrics.on_tokens("alpha@1", 3)
+    metrics.on_tokens(None, 1)
     metrics.observe_inter_token("alpha@1", 0.02)
     metrics.observe_request("alpha@1", "OK", 0.01, 0.12, 0.9, 40, 3)
     metrics.observe_request("", "NOT_FOUND", None, None, 0.001, 0, 0)
@@ -36,8 +35,10 @@ def _drive(metrics: Metrics) -> None:
 def test_hooks_feed_the_expected_series() -> None:
     metrics = Metrics()
     _drive(metrics)
-    assert _value(metrics, "switchboard_requests_total", adapter="alpha@1", code="OK") == 1
-    assert _value(metrics, "switchboard_requests_total", adapter=BASE_LABEL, code="NOT_FOUND") == 1
+    assert _value(metrics, "switchboard_requests_total", adapter="alpha@1",
+                   code="OK", protocol="grpc") == 1
+    assert _value(metrics, "switchboard_requests_total", adapter=BASE_LABEL,
+                   code="NOT_FOUND", protocol="grpc") == 1
     assert _value(metrics, "switchboard_generation_tokens_total", adapter="alpha@1") == 3
     assert _value(metrics, "switchboard_generation_tokens_total", adapter=BASE_LABEL) == 1
     assert _value(metrics, "switchboard_prompt_tokens_total", adapter="alpha@1") == 40
@@ -78,7 +79,8 @@ def test_adapter_labels_are_capped_with_an_other_bucket() -> None:
     metrics.observe_request(None, "OK", 0.0, 0.1, 0.2, 5, 5)
     labels = {s.labels["adapter"] for s in _samples(metrics, "switchboard_requests_total")}
     assert labels == {"a@1", "b@1", OTHER_LABEL, BASE_LABEL}
-    assert _value(metrics, "switchboard_requests_total", adapter=OTHER_LABEL, code="OK") == 2
+    assert _value(metrics, "switchboard_requests_total", adapter=OTHER_LABEL,
+                   code="OK", protocol="grpc") == 2
     # Two resident adapters share `other`: their memory adds up under that one series.
     assert _value(metrics, "switchboard_adapter_memory_bytes", adapter=OTHER_LABEL) == 200
     metrics.on_adapter_evicted("c@1")
@@ -90,15 +92,18 @@ def test_status_and_strategy_labels_are_bounded() -> None:
     metrics.observe_request("a@1", "not-a-code", None, None, 0.0, 0, 0)
     metrics.observe_request("a@1", "StatusCode.UNAVAILABLE", None, None, 0.0, 0, 0)
     metrics.observe_truncation("made_up", 1, 1)
-    assert _value(metrics, "switchboard_requests_total", adapter="a@1", code="UNKNOWN") == 1
-    assert _value(metrics, "switchboard_requests_total", adapter="a@1", code="UNAVAILABLE") == 1
+    assert _value(metrics, "switchboard_requests_total", adapter="a@1",
+                   code="UNKNOWN", protocol="grpc") == 1
+    assert _value(metrics, "switchboard_requests_total", adapter="a@1",
+                   code="UNAVAILABLE", protocol="grpc") == 1
     assert _value(metrics, "switchboard_context_truncations_total", strategy=OTHER_LABEL) == 1
 
 
 def test_registries_are_independent() -> None:
     first, second = Metrics(), Metrics(registry=CollectorRegistry())
     first.observe_request("a@1", "OK", None, None, 0.1, 1, 1)
-    assert _value(second, "switchboard_requests_total", adapter="a@1", code="OK") is None
+    assert _value(second, "switchboard_requests_total", adapter="a@1",
+                   code="OK", protocol="grpc") is None
 
 
 def test_rejects_a_non_positive_label_cap() -> None:
@@ -111,7 +116,7 @@ def test_hooks_are_thread_safe() -> None:
 
     def hammer(worker: int) -> None:
         for i in range(500):
-            metrics.on_token(f"r{worker}", f"adapter{i % 20}@1")
+            metrics.on_tokens(f"adapter{i % 20}@1", 1)
 
     threads = [threading.Thread(target=hammer, args=(w,)) for w in range(4)]
     for thread in threads:
