@@ -312,7 +312,9 @@ class ChatOptions(TypedDict, total=False):
     session_id: str
 
 
-def chat_request_pb(messages: MessagesLike, **options: Unpack[ChatOptions]) -> pb.ChatRequest:
+def checked_stops(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """Refuse unknown chat options (TypeError naming them); the stop sequences, as a tuple.
+    Shared by both transports (clients.http builds its JSON body from the same options)."""
     unknown = set(options) - set(ChatOptions.__annotations__)
     if unknown:
         raise TypeError(f"unknown chat option(s) {sorted(unknown)}; "
@@ -320,6 +322,11 @@ def chat_request_pb(messages: MessagesLike, **options: Unpack[ChatOptions]) -> p
     stop = options.get("stop", ())
     if isinstance(stop, str):
         raise TypeError(f"stop must be a sequence of strings, got the string {stop!r}")
+    return tuple(stop)
+
+
+def chat_request_pb(messages: MessagesLike, **options: Unpack[ChatOptions]) -> pb.ChatRequest:
+    stop = checked_stops(options)
     sampling = pb.SamplingParams(
         max_new_tokens=options.get("max_new_tokens", 0),
         temperature=options.get("temperature", 0.0),

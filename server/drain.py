@@ -22,18 +22,18 @@ from server.errors import UnavailableError
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
 
 
-class DrainGate(grpc.aio.ServerInterceptor):
-    """Interceptor for every service but `exempt` (health): admits or refuses, and counts."""
+class InFlight:
+    """Counts calls in flight and, once draining, admits no more; transport-neutral (the HTTP
+    edge, server/openai/edge.py, counts its requests with it too)."""
 
-    def __init__(self, exempt: frozenset[str]) -> None:
-        self.exempt = exempt
+    def __init__(self) -> None:
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     def begin(self) -> None:
-        """From now on new calls get UNAVAILABLE; running ones go on."""
+        """From now on new calls are refused; running ones go on."""
         self.draining = True
 
     async def drained(self, timeout: float) -> bool:
@@ -44,20 +44,36 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return False
         return True
 
-    def _admit(self, context: grpc.aio.ServicerContext) -> bool:
-        # Checked when the handler starts, with no await between the check and the count, so a
-        # call is either counted before draining began or refused: none slips through uncounted.
+    def enter(self) -> bool:
+        """Count one more call, or False (not counted) once draining. Callers do not await
+        between their check and this, so a call is either counted before draining began or
+        refused: none slips through uncounted."""
         if self.draining:
             return False
         self.in_flight += 1
         self._idle.clear()
-        context.add_done_callback(self._release)
         return True
 
-    def _release(self, _context: grpc.aio.ServicerContext) -> None:
+    def leave(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+
+class DrainGate(InFlight, grpc.aio.ServerInterceptor):
+    """Interceptor for every service but `exempt` (health): admits or refuses (UNAVAILABLE),
+    and counts."""
+
+    def __init__(self, exempt: frozenset[str]) -> None:
+        super().__init__()
+        self.exempt = exempt
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> bool:
+        # Checked when the handler starts; the call counts until grpc has sent its status.
+        if not self.enter():
+            return False
+        context.add_done_callback(lambda _context: self.leave())
+        return True
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -99,4 +115,4 @@ def _gated(behaviour: Any, admit: Callable[[grpc.aio.ServicerContext], bool]) ->
     return None
 
 
-__all__ = ["SHUTTING_DOWN", "DrainGate"]
+__all__ = ["SHUTTING_DOWN", "DrainGate", "InFlight"]
