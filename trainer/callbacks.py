@@ -1,4 +1,5 @@
-"""Trainer callbacks of `trainer fit`: progress bar, evaluation lines, early stopping, CPU guard."""
+"""Trainer callbacks of `trainer fit` and `trainer sweep`: progress bar, evaluation lines, early
+stopping, CPU guard, Optuna pruning."""
 
 from __future__ import annotations
 
@@ -139,3 +140,22 @@ class CpuRepackingGuard(TrainerCallback):
             from common.modeling import disable_cpu_repacking
 
             disable_cpu_repacking(model)
+
+
+class OptunaPruning(TrainerCallback):
+    """Reports each validation loss to an Optuna trial and stops the fit when the trial's
+    pruner says so (`pruned_at` is then the step). The step-0 evaluation is skipped: every
+    trial starts from the same base, so it tells trials apart by nothing."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or state.global_step == 0:
+            return
+        self.trial.report(loss, state.global_step)
+        if self.trial.should_prune():
+            self.pruned_at = state.global_step
+            control.should_training_stop = True

@@ -19,7 +19,7 @@ SCHEDULERS = (
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Fields that only steer this invocation; they never shape the weights, so the manifest leaves
 # them out of "hyperparameters" and `--resume` may change them freely.
-RUNTIME_FIELDS = ("resume", "device", "run_id", "config")
+RUNTIME_FIELDS = ("resume", "device", "run_id", "config", "auto_batch", "recommended")
 
 
 def _positive(name: str, value: float) -> None:
@@ -72,7 +72,16 @@ class FitConfig:
     save_steps: int = 50
     save_total_limit: int = 2
     logging_steps: int = 5
+    # Instabilities: a non-finite loss, or `spike_steps` steps in a row above spike_factor x the
+    # median of the recent steps, rolls back to the last good checkpoint at spike_lr_factor x the
+    # learning rate, at most spike_max_rollbacks times (spike_factor 0: only non-finite losses).
+    spike_factor: float = 3.0
+    spike_steps: int = 3
+    spike_lr_factor: float = 0.5
+    spike_max_rollbacks: int = 2
     # Runtime only
+    auto_batch: bool = False  # on out-of-memory: halve the batch, double accumulation, retry
+    recommended: bool = True  # layer the base's recommended settings under --config and flags
     device: str = "auto"
     resume: str | None = None  # "latest" or a run directory
     run_id: str | None = None
@@ -86,6 +95,7 @@ class FitConfig:
         self._check_optimisation()
         self._check_sequences()
         self._check_evaluation()
+        self._check_stability()
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.quantize not in ("nf4", "none"):
@@ -146,6 +156,14 @@ class FitConfig:
         if self.early_stopping_patience and not self.validation and self.val_split == 0:
             raise ValueError("early_stopping_patience needs validation or val_split > 0")
 
+    def _check_stability(self) -> None:
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ValueError(f"spike_factor must be > 1 (or 0: off), got {self.spike_factor!r}")
+        _positive("spike_steps", self.spike_steps)
+        if not 0.0 < self.spike_lr_factor < 1.0:
+            raise ValueError(f"spike_lr_factor must be in (0, 1), got {self.spike_lr_factor!r}")
+        _non_negative("spike_max_rollbacks", self.spike_max_rollbacks)
+
     @property
     def has_validation(self) -> bool:
         return bool(self.validation) or self.val_split > 0
@@ -188,7 +206,8 @@ def build_config(*layers: dict[str, Any]) -> FitConfig:
     known = {k: v for k, v in merged.items() if k in FIELD_NAMES}
     unknown = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
     for key in ("learning_rate", "alpha", "dropout", "warmup", "epochs", "max_grad_norm",
-                "weight_decay", "val_split", "early_stopping_threshold"):
+                "weight_decay", "val_split", "early_stopping_threshold", "spike_factor",
+                "spike_lr_factor"):
         if isinstance(known.get(key), int | str) and not isinstance(known.get(key), bool):
             try:
                 known[key] = float(known[key])

@@ -64,11 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save-steps", type=int, help="checkpoint every N steps, for --resume (50)")
     add("--save-total-limit", type=int, help="checkpoints kept in the run folder (2)")
     add("--logging-steps", type=int, help="log loss and tokens/s every N steps (5)")
+    add("--spike-factor", type=float,
+        help="a loss above this x its recent median is a spike; 0: non-finite losses only (3)")
+    add("--spike-steps", type=int, help="steps in a row above it that stop the run (3)")
+    add("--spike-lr-factor", type=float, help="learning rate scale after a rollback (0.5)")
+    add("--spike-max-rollbacks", type=int, help="rollbacks before the run fails (2)")
+    add("--auto-batch", action=flag,
+        help="on out-of-memory halve the batch and double accumulation, then checkpoint")
+    add("--recommended", action=flag,
+        help="use the base's recommended settings under --config and flags (on)")
     add("--device", choices=("auto", "cpu", "cuda"), help="where to train (auto)")
     add("--quantize", choices=("nf4", "none"), help="base weights: 4-bit NF4 (QLoRA) or full")
     add("--run-id", help="name of the run folder (default: UTC time + random suffix)")
     add("--resume", nargs="?", const="latest", metavar="RUN",
         help="continue an interrupted run: the newest unfinished one of --name, or RUN (id/path)")
+
+
+def _settings_line(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "(all overridden)"
 
 
 def _modules(text: str) -> str | list[str]:
@@ -77,13 +90,22 @@ def _modules(text: str) -> str | list[str]:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, Path | None]:
-    """Merge the layers; on --resume also find the run folder to continue."""
+    """Merge the layers (defaults < the base's recommended settings < YAML < flags); on
+    --resume the interrupted run's saved config replaces the first two."""
+    from trainer.recommended import read_recommended
+
     flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
     from_yaml = read_yaml(flags["config"]) if flags.get("config") else {}
     layered = {**from_yaml, **flags}
     resume = layered.get("resume")
     if not resume:
-        return build_config(layered), None
+        base = layered.get("base")
+        use = layered.get("recommended", True) and base
+        recommended = read_recommended(base) if use else {}
+        if recommended:
+            chosen = {k: v for k, v in recommended.items() if k not in layered}
+            print(f"recommended settings of the base: {_settings_line(chosen)}", flush=True)
+        return build_config(recommended, layered), None
     root, name = layered.get("adapters_root"), layered.get("name")
     if not root or not name:
         raise ValueError("--resume needs --adapters-root and --name")
@@ -228,6 +250,8 @@ def sft_config(config: FitConfig, run_dir: Path, on_gpu: bool, has_eval: bool) -
         save_total_limit=config.save_total_limit, logging_steps=config.logging_steps,
         bf16=on_gpu, use_cpu=not on_gpu, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
+        # A non-finite loss must reach the logs and the spike guard, not be averaged away.
+        logging_nan_inf_filter=False,
     )
 
 
@@ -241,14 +265,14 @@ def cut_prepared(dataset: Any, max_length: int) -> Any:
 
 def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSplit,
                   run_dir: Path, with_peft_config: bool,
-                  callbacks: list[Any] | None = None) -> tuple[Any, Any]:
-    """SFTTrainer with our callbacks; returns (trainer, early-stopping/best-weights callback)."""
+                  callbacks: list[Any] | None = None, guard: Any = None) -> tuple[Any, Any]:
+    """SFTTrainer with our callbacks; returns (trainer, early-stopping/best-weights callback).
+    A recovery.SpikeGuard given as `guard` watches every step's loss."""
     import torch
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback, ProgressCallback
     from transformers.integrations import TensorBoardCallback
-    from trl import SFTTrainer
 
     from trainer.callbacks import (
         BestAdapterEarlyStopping,
@@ -256,19 +280,22 @@ def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSpli
         EvalSummary,
         ProgressBar,
     )
+    from trainer.recovery import LossTapTrainer
 
     on_gpu = next(model.parameters()).device.type == "cuda"
     has_eval = bool(split.validation)
     best = BestAdapterEarlyStopping(config.early_stopping_patience, config.early_stopping_threshold)
-    trainer = SFTTrainer(
+    trainer = LossTapTrainer(
         model=model, args=sft_config(config, run_dir, on_gpu, has_eval),
         train_dataset=Dataset.from_list(split.train),
         eval_dataset=Dataset.from_list(split.validation) if has_eval else None,
         processing_class=tokenizer, peft_config=lora_config(config) if with_peft_config else None,
         callbacks=[ProgressBar(), EvalSummary(), best, CpuRepackingGuard(),
                    TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))),
-                   *(callbacks or [])],
+                   *([guard] if guard is not None else []), *(callbacks or [])],
     )
+    if guard is not None:
+        trainer.loss_sink = guard.micro_losses
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     if config.padding_free and not config.packing:
@@ -289,7 +316,8 @@ def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSpli
 
 def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     train = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
-              "num_tokens": e.get("num_tokens")} for e in log_history if "loss" in e]
+              "grad_norm": e.get("grad_norm"), "num_tokens": e.get("num_tokens")}
+             for e in log_history if "loss" in e]
     evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
     return {"train": train, "validation": evals}
 
@@ -315,34 +343,131 @@ def final_metrics(trainer: Any, best: Any, curves: dict, train_seconds: float,
     return metrics
 
 
-def publish(config: FitConfig, trainer: Any, split: DataSplit, stats: dict, metrics: dict,
-            curves: dict, parent: dict | None, run_dir: Path, started: float) -> Path:
-    """Stage the PEFT files and manifest, then claim the next version number."""
-    from common.modeling import base_fingerprint
+def lora_record(model: Any) -> dict[str, Any]:
+    peft_config = model.peft_config["default"].to_dict()
+    lora = {k: peft_config.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    if isinstance(lora["target_modules"], set | list | tuple):
+        lora["target_modules"] = sorted(lora["target_modules"])
+    return lora
 
+
+@dataclass
+class TrainResult:
+    """A finished training run, ready to publish (`trainer sweep` keeps one per trial)."""
+
+    config: FitConfig  # as trained: --auto-batch and rollbacks may have changed it
+    files: dict[str, dict[str, Any]]
+    stats: dict[str, dict[str, int]]
+    metrics: dict[str, Any]
+    curves: dict[str, list[dict[str, Any]]]
+    lora: dict[str, Any]
+    parent: dict[str, Any] | None
+    run_dir: Path
+    events: list[dict[str, Any]]
+    wall_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {**out, "config": self.config.to_dict(), "run_dir": str(self.run_dir)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{**data, "config": build_config(data["config"]),
+                      "run_dir": Path(data["run_dir"])})
+
+
+def publish(result: TrainResult, save_adapter: Any, extra: dict[str, Any] | None = None) -> Path:
+    """Stage the PEFT files (written by `save_adapter(folder)`), the manifest and the training
+    report, then claim the next version number. `extra` adds manifest sections (the sweep)."""
+    from common.modeling import base_fingerprint
+    from trainer.report import REPORT_FILE, write_report
+
+    config = result.config
     root = Path(config.adapters_root)
     staged = mf.staging_dir(root, config.name)
     try:
-        trainer.model.save_pretrained(str(staged))
-        peft_config = trainer.model.peft_config["default"].to_dict()
-        keys = ("r", "lora_alpha", "lora_dropout", "target_modules")
-        lora = {k: peft_config.get(k) for k in keys}
-        if isinstance(lora["target_modules"], set | list | tuple):
-            lora["target_modules"] = sorted(lora["target_modules"])
-        data = {"files": split.files, "train": stats["train"],
-                "validation": stats.get("validation"),
+        save_adapter(staged)
+        data = {"files": result.files, "train": result.stats["train"],
+                "validation": result.stats.get("validation"),
                 "validation_source": "file" if config.validation else f"split {config.val_split}"}
+        if "ranks" in result.stats:
+            data["ranks"] = result.stats["ranks"]
         manifest = mf.build_manifest(
             name=config.name, base=config.base, fingerprint=base_fingerprint(config.base),
-            data=data, hyperparameters=config.hyperparameters(), lora=lora, metrics=metrics,
-            curves=curves, parent=parent, wall_time_s=time.monotonic() - started, run_dir=run_dir,
+            data=data, hyperparameters=config.hyperparameters(), lora=result.lora,
+            metrics=result.metrics, curves=result.curves, parent=result.parent,
+            wall_time_s=result.wall_time_s, run_dir=result.run_dir,
         )
+        manifest.update(recovery=result.events, report=REPORT_FILE, **(extra or {}))
+        write_report(staged, manifest)
         version_dir = mf.publish_version(staged, root, config.name, manifest)
     except BaseException:
         mf.discard(staged)
         raise
-    mf.mark_run_finished(run_dir, version_dir)
+    mf.mark_run_finished(result.run_dir, version_dir)
     return version_dir
+
+
+# --------------------------------------------------------------------------------- recovery
+
+
+def check_data_files(config: FitConfig, tokenizer: Any) -> None:
+    """`trainer check-data`'s check, before anything loads: errors refuse the data."""
+    from collections import Counter
+
+    from trainer.check_data import check_file, refuse_untrainable
+
+    for path in filter(None, (config.data, config.validation)):
+        check = check_file(Path(path), tokenizer, config.max_length)
+        refuse_untrainable(check)
+        if check.warnings:
+            kinds = Counter(p.kind for p in check.warnings)
+            listed = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+            print(f"data check {path}: {len(check.warnings)} warnings ({listed}); see "
+                  f"`trainer check-data {path} --base {config.base}`", flush=True)
+
+
+def train_with_recovery(config: FitConfig, model: Any, tokenizer: Any, split: DataSplit,
+                        run_dir: Path, with_peft: bool, callbacks: list[Any] | None,
+                        checkpoint: Path | None) -> tuple[Any, Any, FitConfig, list[dict]]:
+    """Train until done, retrying after out-of-memory errors (--auto-batch) and rolling back
+    after instabilities; returns (trainer, best callback, config as trained, events)."""
+    import torch
+
+    from trainer.recovery import (
+        SpikeGuard,
+        after_instability,
+        after_out_of_memory,
+        describe_batch,
+    )
+
+    events: list[dict[str, Any]] = []
+    guard = SpikeGuard(config.spike_factor, config.spike_steps)
+    initial: dict[str, Any] = {}
+    while True:
+        trainer, best = build_trainer(config, model, tokenizer, split, run_dir, with_peft,
+                                      callbacks, guard)
+        model, with_peft = trainer.model, False
+        initial = initial or {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad}
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except torch.OutOfMemoryError as exc:
+            del trainer
+            config = after_out_of_memory(config, guard, exc, events)
+            if config.gradient_checkpointing:
+                # Checkpointed blocks need an input that requires grad to backpropagate into
+                # the adapters of a frozen base.
+                model.enable_input_require_grads()
+            mf.write_json_atomic(run_dir / "config.json", config.to_dict())
+            continue
+        if guard.tripped is None:
+            break
+        config, checkpoint = after_instability(config, guard, run_dir, model, initial, events)
+        mf.write_json_atomic(run_dir / "config.json", config.to_dict())
+    if any(e["kind"] == "out of memory" for e in events):
+        print(f"auto-batch: chose {describe_batch(config)}", flush=True)
+    return trainer, best, config, events
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -354,7 +479,11 @@ def shared_run_dir(config: FitConfig, root: Path, resume_dir: Path | None) -> tu
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    from common.modeling import resolve_device
+
+    # The first PartialState fixes the process group for the run (the Trainer's Accelerator
+    # reuses it): on the CPU it must be told, or launched ranks each train alone (no gloo group).
+    state = PartialState(cpu=resolve_device(config.device) == "cpu")
     if resume_dir is not None:
         return resume_dir, state.is_main_process
     names = [mf.new_run_dir(root, config.name, config.run_id).name
@@ -364,17 +493,28 @@ def shared_run_dir(config: FitConfig, root: Path, resume_dir: Path | None) -> tu
     return root / config.name / mf.RUNS_DIR / names[0], state.is_main_process
 
 
-def fit(config: FitConfig, resume_dir: Path | None = None,
-        callbacks: list[Any] | None = None) -> Path | None:
-    """Train and publish; returns the new version directory. Raises DataError/ValueError.
+def rank_shards(trainer: Any) -> list[dict[str, int]] | None:
+    """Under `accelerate launch`: the training rows in each rank's shard of an epoch, counted on
+    each rank from its own data loader and gathered; None in a single process."""
+    from accelerate.utils import gather_object
 
-    `callbacks` are extra transformers TrainerCallbacks (for embedding and tests). Under
-    `accelerate launch` only the main process publishes; the others return None."""
+    accelerator = trainer.accelerator
+    if accelerator.num_processes < 2:
+        return None
+    rows = sum(len(batch) for batch in trainer.get_train_dataloader().batch_sampler)
+    return gather_object([{"rank": accelerator.process_index, "rows_per_epoch": rows}])
+
+
+def train(config: FitConfig, resume_dir: Path | None = None,
+          callbacks: list[Any] | None = None) -> tuple[TrainResult, Any, bool]:
+    """Check the data, train with recovery, measure; returns (result, trainer, is main process).
+    Raises DataError/ValueError on bad input, recovery.UnstableTraining past the rollbacks."""
     from common.modeling import load_tokenizer
 
     started = time.monotonic()
-    split = load_split(config)
     tokenizer = load_tokenizer(config.base)
+    check_data_files(config, tokenizer)
+    split = load_split(config)
     stats = {"train": summarize_split(tokenizer, split.train, config.max_length)}
     if split.validation:
         stats["validation"] = summarize_split(tokenizer, split.validation, config.max_length)
@@ -385,13 +525,12 @@ def fit(config: FitConfig, resume_dir: Path | None = None,
     if is_main:
         mf.write_json_atomic(run_dir / "config.json", config.to_dict())
     model, tokenizer, parent = load_model(config, root)
-    trainer, best = build_trainer(config, model, tokenizer, split, run_dir, parent is None,
-                                  callbacks)
     checkpoint = mf.last_checkpoint(run_dir) if resume_dir else None
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
     train_started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer, best, config, events = train_with_recovery(
+        config, model, tokenizer, split, run_dir, parent is None, callbacks, checkpoint)
     train_seconds = time.monotonic() - train_started
     curves = loss_curves(trainer.state.log_history)
     restored = bool(config.early_stopping_patience) and best.restore_best(
@@ -399,13 +538,35 @@ def fit(config: FitConfig, resume_dir: Path | None = None,
     if restored:
         print(f"restored the best weights (step {best.best_step})", flush=True)
     metrics = final_metrics(trainer, best, curves, train_seconds, restored)
+    shards = rank_shards(trainer)  # a collective: every rank takes part
+    if shards is not None:
+        stats["ranks"] = shards
+    result = TrainResult(config, split.files, stats, metrics, curves, lora_record(trainer.model),
+                         parent, run_dir, events, round(time.monotonic() - started, 2))
+    return result, trainer, is_main
+
+
+def fit(config: FitConfig, resume_dir: Path | None = None,
+        callbacks: list[Any] | None = None) -> Path | None:
+    """Train and publish; returns the new version directory. Raises DataError/ValueError.
+
+    `callbacks` are extra transformers TrainerCallbacks (for embedding and tests). Under
+    `accelerate launch` only the main process publishes; the others return None."""
+    result, trainer, is_main = train(config, resume_dir, callbacks)
     if not is_main:
         return None
-    return publish(config, trainer, split, stats, metrics, curves, parent, run_dir, started)
+    version_dir = publish(result, lambda folder: trainer.model.save_pretrained(str(folder)))
+    print(f"report: {version_dir / mf.read_manifest(version_dir)['report']}", flush=True)
+    return version_dir
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 published, 2 bad settings or data, 3 training failed (out of memory,
+    unstable), 130 interrupted."""
+    import torch
+
     from common.data import DataError
+    from trainer.recovery import UnstableTraining
 
     try:
         config, resume_dir = resolve_config(args)
@@ -413,6 +574,13 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, ValueError, OSError) as exc:
         print(f"trainer fit: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except UnstableTraining as exc:
+        print(f"trainer fit: unstable training: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except torch.OutOfMemoryError as exc:
+        print(f"trainer fit: out of memory ({exc}); try --auto-batch, a smaller --batch-size "
+              f"or --gradient-checkpointing", file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         print("trainer fit: interrupted; continue with --resume", file=sys.stderr, flush=True)
         return 130

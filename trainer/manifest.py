@@ -85,13 +85,19 @@ def _checkpoint_complete(path: Path) -> bool:
     return True
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N of a run (a half-written one is skipped)."""
-    steps = [
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoint-N folders of a run as (N, path), oldest first (a half-written
+    one is skipped)."""
+    return sorted(
         (int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
         if p.name.split("-")[1].isdigit() and _checkpoint_complete(p)
-    ]
-    return max(steps)[1] if steps else None
+    )
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N of a run."""
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def find_resumable_run(root: Path, name: str, resume: str) -> Path:

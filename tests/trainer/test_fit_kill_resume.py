@@ -59,6 +59,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(
         "--max-steps", str(MAX_STEPS), "--save-steps", "2", "--batch-size", "2",
         "--max-length", "64", "--rank", "4", "--alpha", "8", "--learning-rate", "1e-3",
         "--logging-steps", "1", "--val-split", "0", "--device", "cpu", "--seed", "7",
+        "--no-recommended",
     ]
     run_dir = root / NAME / mf.RUNS_DIR / RUN_ID
 

@@ -172,6 +172,7 @@ def _early_stopping_argv(tiny_base: Path, data: Path, root: Path, patience: int)
         "--eval-steps", "2", "--batch-size", "2", "--max-length", "128", "--rank", "4",
         "--alpha", "8", "--dropout", "0", "--save-steps", "100", "--logging-steps", "1",
         "--device", "cpu", "--seed", "0", "--early-stopping-patience", str(patience), *DIVERGING,
+        "--no-recommended",
     ]
 
 
