@@ -210,10 +210,8 @@ def nginx_proxy(workdir: Path, targets: Sequence[str]) -> Iterator[Proxy]:
 
 
 class Caller:
-    """Raw gRPC calls through the proxy, each carrying its adapter in the affinity header.
-
-    The Python client has no per-call header yet, so this speaks the generated stubs directly.
-    """
+    """Raw gRPC calls through the proxy, each carrying its adapter in the affinity header (as
+    the Python client does), with the replica-level reads (loaded adapters) tests need."""
 
     def __init__(self, target: str) -> None:
         import grpc

@@ -24,6 +24,7 @@ from clients.client import (
     open_channel,
     retry_wait,
     should_retry,
+    with_affinity,
 )
 from clients.errors import SwitchboardRpcError
 from clients.types import (
@@ -111,7 +112,7 @@ class AsyncSwitchboardClient:
         while True:
             try:
                 return await method(request, timeout=deadline.remaining(),
-                                    metadata=self._metadata)
+                                    metadata=with_affinity(self._metadata, request))
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
@@ -128,7 +129,7 @@ class AsyncSwitchboardClient:
         attempt = 0
         while True:
             call = self._inference.ChatStream(request, timeout=deadline.remaining(),
-                                              metadata=self._metadata)
+                                              metadata=with_affinity(self._metadata, request))
             yielded = False
             try:
                 async for chunk in call:

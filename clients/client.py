@@ -47,6 +47,17 @@ RETRYABLE_CODES = frozenset({"UNAVAILABLE"})
 
 Metadata = tuple[tuple[str, str], ...]
 PemPath = str | Path
+# Replicas behind a proxy hash this header to keep an adapter's traffic where it is loaded
+# (deploy/nginx); a single server ignores it.
+ADAPTER_AFFINITY_HEADER = "x-switchboard-adapter"
+
+
+def with_affinity(metadata: Metadata, request: Any) -> Metadata:
+    """`metadata` plus the adapter affinity header when `request` names an adapter."""
+    adapter = getattr(request, "adapter", "")
+    if not isinstance(adapter, str) or not adapter:
+        return metadata
+    return (*metadata, (ADAPTER_AFFINITY_HEADER, adapter.split("@", 1)[0]))
 
 
 def _read_pem(option: str, path: Path) -> bytes:
@@ -262,7 +273,8 @@ class SwitchboardClient:
         attempt = 0
         while True:
             try:
-                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return method(request, timeout=deadline.remaining(),
+                              metadata=with_affinity(self._metadata, request))
             except grpc.RpcError as rpc_err:
                 err = SwitchboardRpcError.from_rpc(rpc_err)
                 err.__cause__ = rpc_err
@@ -277,7 +289,7 @@ class SwitchboardClient:
         attempt = 0
         while True:
             call = self._inference.ChatStream(request, timeout=deadline.remaining(),
-                                              metadata=self._metadata)
+                                              metadata=with_affinity(self._metadata, request))
             yielded = False
             try:
                 for chunk in call:

@@ -483,7 +483,8 @@ class Engine:
         aborted = self.scheduler.abort_running(plan)
         outputs = self.scheduler.update_from_output(plan, tokens)
         self._emit(outputs, aborted)
-        self.runner.release_finished()
+        if aborted or self.scheduler.num_running < len(plan.rows):
+            self.runner.release_finished()  # some row left: pack the rows again
         stats = self._stats
         stats[0] += 1
         stats[1] += len(plan.rows)

@@ -369,3 +369,15 @@ def test_an_unknown_chat_option_is_refused_naming_the_allowed_ones() -> None:
     assert (request.adapter, request.sampling.seed, list(request.sampling.stop)) == (
         "alpha@1", 3, ["END"])
     assert request.sampling.top_p == 1.0 and request.sampling.repetition_penalty == 1.0
+
+
+def test_calls_naming_an_adapter_carry_the_affinity_header():
+    from switchboard.v1 import switchboard_pb2 as pb
+
+    from clients.client import ADAPTER_AFFINITY_HEADER, with_affinity
+
+    base = (("authorization", "Bearer k"),)
+    assert with_affinity(base, pb.ChatRequest(adapter="support@3")) == (
+        *base, (ADAPTER_AFFINITY_HEADER, "support"))  # every version of a name hashes alike
+    assert with_affinity(base, pb.ChatRequest()) == base  # the bare base: no header
+    assert with_affinity(base, pb.ListAdaptersRequest()) == base

@@ -28,6 +28,8 @@ from replica_stack import (  # noqa: E402
     replicas,
 )
 
+from clients.client import SwitchboardClient  # noqa: E402
+
 ADAPTERS = ("red", "green", "blue", "gold")
 # Statuses a client sees while a replica dies and its session leases lapse; it retries them.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
@@ -98,11 +100,12 @@ class Conversation(threading.Thread):
 
 def test_each_adapter_lands_on_one_replica_and_is_loaded_only_there(stack) -> None:
     proxy, fleet = stack
-    caller = Caller(proxy.target)
-    for _ in range(3):
-        for adapter in ADAPTERS:
-            assert caller.chat(adapter, f"hello {adapter}").text is not None
-    caller.close()
+    # The project's own client sends the affinity header by itself.
+    with SwitchboardClient(proxy.target, timeout=60) as client:
+        for _ in range(3):
+            for adapter in ADAPTERS:
+                answer = client.chat(f"hello {adapter}", adapter=adapter, max_new_tokens=4)
+                assert answer.adapter_name == adapter
 
     routed = routes_by_adapter(proxy)
     assert set(routed) == set(ADAPTERS)
