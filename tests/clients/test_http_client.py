@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from clients.aio import AsyncSwitchboardClient
 from clients.errors import SwitchboardRpcError, UnauthenticatedError
@@ -22,12 +22,6 @@ from evalsuite.replay import ReplayPlan, SamplingConfig, replay_all, resolve_ada
 from evalsuite.testsets import load_testset
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _error(code: str, message: str = "m") -> bytes:

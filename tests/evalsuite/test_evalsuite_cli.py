@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from evalsuite.cli import main
 from evalsuite.gate import gate_from_mapping
@@ -154,11 +154,6 @@ def test_promotion_needs_a_gate(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- exit codes without a server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_testset(path: Path, n: int = 2) -> Path:

@@ -7,7 +7,6 @@ RESOURCE_EXHAUSTED. Every error test ends by checking that the server still answ
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import write_random_adapter
+from conftest import free_port, write_random_adapter
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -33,12 +32,6 @@ def served_root(adapters_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("api") / "adapters"
     shutil.copytree(adapters_root, root)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

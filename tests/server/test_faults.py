@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import sqlite3
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, SessionChatter
+from conftest import ServerProcess, SessionChatter, free_port
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -35,12 +34,6 @@ SHORT = 8
 LONG = 512
 RUNNING = "switchboard_requests_running"
 GENERATED = "switchboard_generation_tokens_total"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:

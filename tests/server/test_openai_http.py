@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import free_port
 from switchboard.v1 import switchboard_pb2 as pb
 
 from server.app import RunningServer, start_in_thread
@@ -41,12 +41,6 @@ SHORT = 8
 KEY = "test-api-key-0123456789"
 SYSTEM = {"role": "system", "content": "Be brief."}
 HELLO = [SYSTEM, {"role": "user", "content": "hello there"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(base: Path, root: Path, **overrides) -> ServerConfig:

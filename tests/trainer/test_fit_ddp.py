@@ -14,26 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed
-from conftest import head_lines, run_trainer
+from conftest import free_port, head_lines, run_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS, STEPS, PER_RANK_BATCH, RANKS = 32, 4, 4, 2
 FLAGS = ["--max-steps", str(STEPS), "--max-length", "128", "--learning-rate", "3e-3",
          "--dropout", "0", "--seed", "0", "--logging-steps", "1", "--eval-steps", "2",
          "--save-steps", "1000", "--name", "ddp"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
