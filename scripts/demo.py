@@ -4,7 +4,7 @@
 trains each adapter with the settings the base recommends (trainer/smollm2.py: 32 LoRA steps of
 four conversations, about 5 s a step on two CPU cores), on the first 200 conversations of each
 domain, and the evaluation replays a smaller test slice (12 conversations) with shorter answers
-(48 tokens), so that the whole demo stays under 15 minutes on 2 idle cores. `--base tiny`
+(48 tokens), aiming at 15 minutes on 2 idle cores (measured: 24 minutes, see README). `--base tiny`
 (`make demo-tiny`) is the fast path on the 4-layer random base of the test suite.
 
 Builds the base and the data if missing, trains two adapters, serves them, chats with each and
