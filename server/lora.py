@@ -182,7 +182,7 @@ class LoraStack:
             self._wrapped[name].install(slot, weights)
         self._slot_modules[slot] = frozenset(modules)
         self._slot_ranks[slot] = max(w.rank for w in modules.values())
-        self.bump()  # cached gathers may hold this slot's old weights
+        self.context.version += 1  # cached gathers may hold this slot's old weights
         return self.slice_bytes(list(modules))
 
     def wrap_all(self) -> None:
@@ -220,10 +220,6 @@ class LoraStack:
         """Route from a static slots tensor at full rank, gathering every forward (for CUDA
         graph capture: the replay reads whatever `index` holds then)."""
         self.context.set(index, self.max_rank, cache_gathers=False)
-
-    def bump(self) -> None:
-        """Invalidate cached gathers (a slot's weights changed in place)."""
-        self.context.version += 1
 
 
 def _compute_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -272,7 +272,6 @@ class Request:
     holds_pin: bool = False  # whether it holds a pin on its adapter in the cache
     status: RequestStatus = RequestStatus.WAITING
     num_output_tokens: int = 0
-    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:

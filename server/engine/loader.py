@@ -45,10 +45,6 @@ class AdapterLoader:
                                         daemon=True)
         self._thread.start()
 
-    def loading(self, key: str) -> bool:
-        with self._lock:
-            return key in self._in_flight
-
     def want(self, key: str, path: Path) -> None:
         """Read `key` from `path` unless a read of it is already under way or not yet taken."""
         with self._lock:
