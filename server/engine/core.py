@@ -181,11 +181,18 @@ class Engine:
             from server.engine.graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.runner)
-            with torch.inference_mode():
-                self.graph_capture_seconds = graphs.capture()
-            self.runner.graphs = graphs
-            log.info("captured %d CUDA graphs (batch %s) in %.1fs", len(graphs.buckets),
-                     graphs.buckets, self.graph_capture_seconds)
+            try:
+                with torch.inference_mode():
+                    self.graph_capture_seconds = graphs.capture()
+            except Exception:
+                if self.config.cuda_graphs:  # asked for explicitly: a failure is an error
+                    raise
+                # On by default only: serve eagerly (slower, same tokens) rather than not at all.
+                log.exception("CUDA graph capture failed; decoding eagerly instead")
+            else:
+                self.runner.graphs = graphs
+                log.info("captured %d CUDA graphs (batch %s) in %.1fs", len(graphs.buckets),
+                         graphs.buckets, self.graph_capture_seconds)
         self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
         self._thread.start()
 
