@@ -41,7 +41,9 @@ def decode_floor_ms(base: Path, batches: list[int], context: int = 256) -> dict[
 def _floor_ms(model, batch: int, context: int) -> float:
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=context + 8)
+    # The cache's length is read on the device, so every replay writes one column further:
+    # room for the warm-up, the capture and the timed replays.
+    cache = StaticCache(config=model.config, max_cache_len=context + 64)
     prompt = torch.randint(10, 4000, (batch, context), device="cuda")
     model(input_ids=prompt, cache=cache, use_cache=True)
     ids = torch.randint(10, 4000, (batch, 1), device="cuda")

@@ -25,7 +25,6 @@ from evalsuite.ab.errors import RatingSetError
 from evalsuite.ab.judge import run_judge
 from evalsuite.ab.render import agreement_line, people_tables, position_line
 from evalsuite.ab.results import ab_results
-from evalsuite.ab.webapp import serve
 from evalsuite.exitcodes import EXIT_PASS, EXIT_REGRESSION
 from evalsuite.replay import BASE
 from evalsuite.stats import BootstrapConfig
@@ -53,6 +52,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not loopback:
         print(f"WARNING: serving on {args.host}: anyone who reaches it can rate under any name",
               file=sys.stderr)
+    # Imported here: the web stack (FastAPI, uvicorn) is needed by this command alone.
+    from evalsuite.ab.webapp import serve
+
     try:
         serve(args.set, args.host, args.port)
     except OSError as err:
