@@ -39,7 +39,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HUB_OFFLINE=1 \
     LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
 # jemalloc: under glibc's allocator the server's RSS grew 10 % over a 5-minute soak before
-# levelling off (freed tensor memory kept in the heap); under jemalloc it stayed flat (README).
+# levelling off (freed tensor memory kept in the heap); under jemalloc it stayed flat (docs/security.md, Soak).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libjemalloc2 \

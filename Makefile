@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 WORK ?= build
 
-.PHONY: setup tools proto test lint demo demo-tiny clean
+.PHONY: setup tools proto test lint docs demo demo-tiny clean
 
 setup: $(BIN)/.installed tools
 
@@ -59,9 +59,13 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 proto: setup
 	$(BIN)/python -m common.protogen
 
-test: setup
+test: setup docs
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The reference in docs/: any broken link, anchor or page missing from the nav fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check .

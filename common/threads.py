@@ -74,7 +74,7 @@ class ThreadReport:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "CPU threads", "how many threads torch runs; set them when a server and a trainer share "
-        "the cores (see the README)")
+        "the cores (see docs/performance.md)")
     group.add_argument("--threads", type=int, default=0,
                        help="intra-op threads; 0 = $OMP_NUM_THREADS if set, else every core")
     group.add_argument("--interop-threads", type=int, default=1,

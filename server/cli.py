@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "(and to chat)")
     security.add_argument("--keys-file", type=Path,
                           help="TOML tenants file: [[keys]] with name, key (or sha256), kind, "
-                               "adapters (scope) and limits (see README, Security)")
+                               "adapters (scope) and limits (see docs/security.md)")
     security.add_argument("--audit-log", type=Path,
                           help="append-only JSON lines of admin actions (switchboard audit FILE)")
     security.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")

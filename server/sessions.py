@@ -19,7 +19,7 @@ stateless calls. Errors that mean a bug in this module (IntegrityError, Programm
 propagate unchanged. A database that cannot be opened fails startup naming the path.
 
 Several replicas need a shared store instead (PostgreSQL or Redis) behind the same protocol; a
-replica-wide lock then replaces `SessionLocks` (see the README's Sessions section).
+replica-wide lock then replaces `SessionLocks` (see docs/scale-out.md).
 
 Ownership: every session records the key id (server/keys.py) of the key that created it, its
 `owner`; "" means no one, which is what sessions made before owners existed get (schema 2

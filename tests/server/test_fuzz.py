@@ -53,7 +53,7 @@ TIMEOUT = 10.0
 ANSWER_LIMIT = 16
 CONTEXT = 512
 
-# What the API documents for a bad or unlucky request (README "How a request is served").
+# What the API documents for a bad or unlucky request (docs/serving.md, "How a request is served").
 # UNAVAILABLE is documented only for a server that is loading, shutting down or whose session
 # store cannot be written; none of that holds here, so here it would be a wrong answer.
 DOCUMENTED = frozenset({
