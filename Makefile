@@ -9,35 +9,25 @@ WORK ?= build
 
 setup: $(BIN)/.installed tools
 
-# Real Prometheus (and promtool) for the dashboard proof, docker-compose to validate compose.yaml.
-# Best effort: where apt is unavailable the tests that need them skip and say why.
+# System tools the end-to-end tests drive, installed best effort from Debian packages; where apt
+# is unavailable the tests that need them skip and say why. Each entry: the command that proves
+# the tool is there, then its packages: real Prometheus (and promtool) for the dashboard proof,
+# docker-compose to validate compose.yaml, Redis and nginx's gRPC proxy for scale-out, headless
+# Chromium for the rating page's browser test.
+TOOLS := "prometheus:prometheus" "docker-compose:docker-compose" "redis-server:redis-server" \
+	"/usr/sbin/nginx:nginx" "chromium:chromium" "chromedriver:chromium-driver"
+
 tools:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing prometheus and docker-compose (Debian packages)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus docker-compose >/dev/null) || \
-	      echo "WARNING: apt install failed; the Prometheus and compose tests will skip"; \
-	  else echo "WARNING: prometheus not installed and apt unavailable; its tests will skip"; fi; \
-	fi
-	@# Scale-out: a real Redis session store and nginx's gRPC proxy in front of replicas.
-	@if ! command -v redis-server >/dev/null 2>&1 || ! [ -x /usr/sbin/nginx ]; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing redis-server and nginx (Debian packages)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends redis-server nginx >/dev/null) || \
-	      echo "WARNING: apt install failed; the Redis and replica tests will skip"; \
-	  else echo "WARNING: redis-server/nginx missing and apt unavailable; their tests will skip"; fi; \
-	fi
-	@# People in the loop: the rating page's browser test drives Debian's headless Chromium.
-	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing chromium and chromium-driver (Debian packages)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends chromium chromium-driver >/dev/null) || \
-	      echo "WARNING: apt install failed; the rating page's browser test will skip"; \
-	  else echo "WARNING: chromium missing and apt unavailable; the browser test will skip"; fi; \
-	fi
+	@missing=""; for entry in $(TOOLS); do \
+	  command -v "$${entry%%:*}" >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing$$missing (Debian packages)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null) || \
+	    echo "WARNING: apt install failed; the tests that need$$missing will skip"; \
+	else echo "WARNING:$$missing missing and apt unavailable; the tests that need them will skip"; fi
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
