@@ -137,9 +137,9 @@ def make_engine(base: Path, adapters: list[Path], max_batch: int, device: str) -
     from server.engine import Engine, EngineConfig
 
     model, tokenizer = load_base(str(base), LoadOptions(device=device))
-    engine = Engine(model, tokenizer, EngineConfig(
+    engine = Engine(model, tokenizer, EngineConfig.build(
         max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64,
-        max_seq_len=1024))
+        context_length=1024))
     for index, path in enumerate(adapters):
         engine.load_adapter(f"bench{index}@1", path)
     engine.start()

@@ -182,9 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fingerprint = base_fingerprint(str(base))
         for index, path in enumerate(write_adapters(base, root, args.adapters, args.rank)):
             write_manifest(base, path, f"bench{index}", 1, fingerprint)
-        server = start_in_thread(ServerConfig(
+        server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, http_port=free_port(), device="cpu",
-            max_batch=args.max_batch, max_loaded_adapters=args.adapters + 1))
+            max_batch=args.max_batch, max_loaded_adapters=args.adapters + 1, sessions_db=None))
         try:
             runs = measure((server.target, f"http://127.0.0.1:{server.http_port}"), rows,
                            args.rounds)

@@ -486,10 +486,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         adapters = build_adapters_root(base, root, written, args.rank, swap_versions)
         peft = peft_model_with(base, adapters[:args.adapters], device)
         engine = make_engine(base, adapters, args.max_batch, device)
-        server = start_in_thread(ServerConfig(
+        server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, device=device,
             max_batch=max(args.max_batch, *args.streams), context_length=1024,
-            max_loaded_adapters=written + 4, max_lora_rank=64))
+            max_loaded_adapters=written + 4, max_lora_rank=64, sessions_db=None))
         try:
             started = time.perf_counter()
             found = calibrate(engine, tokenizer, needs)

@@ -39,7 +39,7 @@ from server.auth import AuthInterceptor, KeyRing, LiveKeys
 from server.config import ServerConfig
 from server.context import PromptRenderer
 from server.drain import DrainGate
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
 from server.service import InferenceCore, Limits, Runtime
 from server.sessions import SessionLocks
 
@@ -70,26 +70,6 @@ class _Components:
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
-def _context_length(model: Any, config: ServerConfig) -> int:
-    native = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    if config.context_length and native:
-        return min(config.context_length, native)
-    return config.context_length or native or 2048
-
-
-def _engine_config(config: ServerConfig, context_length: int) -> EngineConfig:
-    return EngineConfig(
-        max_batch=config.max_batch, max_queue=config.max_queue,
-        max_loaded_adapters=config.max_loaded_adapters, max_lora_rank=config.max_lora_rank,
-        default_max_new_tokens=config.default_max_new_tokens,
-        max_prefill_tokens=config.max_prefill_tokens,
-        prefill_chunk_tokens=config.prefill_chunk_tokens, max_seq_len=context_length,
-        cuda_graphs=config.cuda_graphs,
-        max_adapter_bytes=config.max_adapter_bytes,
-        adapter_memory_budget_bytes=config.adapter_memory_budget_bytes,
-    )
-
-
 def _engine_summary(engine: Engine) -> str:
     """The engine's shape for the ready line: KV cache size and CUDA graph capture time."""
     kv = engine.runner.kv
@@ -106,7 +86,9 @@ def _make_metrics(config: ServerConfig, parts: _Components) -> int:
     from server.metrics import Metrics
 
     parts.metrics = Metrics()
-    parts.metrics.set_capacity(config.max_queue, config.max_batch, config.max_loaded_adapters)
+    engine = config.engine
+    parts.metrics.set_capacity(engine.scheduler.max_queue, engine.scheduler.max_batch,
+                               engine.cache.max_loaded_adapters)
     port = parts.metrics.start_http(config.metrics_port, config.metrics_host)
     parts.closers.append(parts.metrics.stop_http)
     log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
@@ -139,16 +121,14 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
     started = time.monotonic()
     model, tokenizer = load_base(config.base, LoadOptions(device=config.device))
     log.info("loaded base %s (%s) in %.2fs", config.base, fingerprint, time.monotonic() - started)
-    context_length = _context_length(model, config)
-    parts.engine = Engine(model, tokenizer, _engine_config(config, context_length),
-                          observer=parts.metrics)
+    parts.engine = Engine(model, tokenizer, config.engine, observer=parts.metrics)
     parts.engine.start()
     if parts.metrics is not None:
         parts.metrics.set_info(_version(), config.base, resolve_device(config.device))
         parts.metrics.set_base_memory(int(model.get_memory_footprint()))
         if parts.sessions is not None:
             parts.metrics.set_sessions(parts.sessions.count())
-    limits = Limits(context_length=context_length, vocab_size=len(tokenizer))
+    limits = Limits(context_length=parts.engine.max_context, vocab_size=len(tokenizer))
     return InferenceCore(engine=parts.engine, tokenizer=tokenizer,
                          renderer=PromptRenderer(tokenizer), registry=registry,
                          config=config, limits=limits, metrics=parts.metrics,

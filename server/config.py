@@ -1,150 +1,235 @@
-"""Server settings: one validated dataclass read once in `main` and passed down to every part."""
+"""Server settings: one tree of validated dataclasses, read once in `main` and passed down.
+
+`ServerConfig` holds the serving edge's settings and an `engine: EngineConfig`, which holds the
+`scheduler: SchedulerConfig` and adapter `cache: AdapterCacheConfig` sections; the engine gets
+its section, the scheduler its own. Each field is written once, with its default, help and
+checks; server/cli.py generates the flags from these fields (common/settings.py). The tree lives
+here, not beside the engine, because this module must not load torch: the CLI parses flags and
+sets thread policies before torch is imported.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from common import settings
+from common.names import TruncationStrategy
+from common.settings import require, require_non_negative, require_positive, section, setting
 from server.keys import KeySources
 from server.session_stores.backend import SessionsURL, parse_sessions_url
 
 DEVICES = ("auto", "cpu", "cuda")
 MIN_KEY_CHARS = 16
-TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
+SECURITY, SESSIONS, LIMITS, OBSERVABILITY = "security", "sessions", "limits", "observability"
+# Derived from the enum for the edges that still import it (server/api.py).
+TRUNCATION_STRATEGIES = tuple(map(str, TruncationStrategy))
 
 
-def _require(condition: bool, field: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How many rows run and wait, and how much prompt one step may prefill."""
+
+    max_batch: int = setting(16, "rows decoded together in one step")
+    max_queue: int = setting(256, "waiting requests before RESOURCE_EXHAUSTED")
+    # Always at least one request per step, however long its prompt, so none starves.
+    max_prefill_tokens: int = setting(
+        4096, "prompt tokens one engine step may prefill (at least one request)")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
+
+
+# The context used when neither the setting nor the model (max_position_embeddings) names one.
+FALLBACK_CONTEXT_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class AdapterCacheConfig:
+    """Which adapters may be loaded and how many stay resident (server.adapter_cache)."""
+
+    max_loaded_adapters: int = setting(
+        8, "adapters kept in memory; least recently used unpinned ones go first")
+    max_lora_rank: int = setting(64, "largest LoRA rank an adapter may have")
+    # Checked before reading, so an oversized file costs nothing.
+    max_adapter_bytes: int = setting(1024 * 1024 * 1024,
+                                     "largest adapter weights file the server reads")
+    # Counts each adapter's LoRA slot slices; 0 leaves max_loaded_adapters the only bound.
+    adapter_memory_budget_bytes: int = setting(
+        0, "memory all loaded adapters may take; 0 = no budget")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "max_loaded_adapters", "max_lora_rank", "max_adapter_bytes")
+        require_non_negative(self, "adapter_memory_budget_bytes", zero_means="no budget")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings: the KV shape, prefill chunking, CUDA graphs, the default answer length,
+    and the scheduler and adapter cache sections."""
+
+    # Each row's KV capacity, allocated at start for max_batch rows.
+    context_length: int = setting(
+        0, "prompt + answer token limit; 0 = the model's own. The KV cache holds max-batch x "
+           "this many tokens, allocated at start")
+    prefill_chunk_tokens: int = setting(
+        512, "longest prefill forward; longer prompts run in chunks")
+    cuda_graphs: bool | None = setting(
+        None, "replay decode steps as CUDA graphs (default: on for CUDA only)")
+    default_max_new_tokens: int = setting(128, "answer length when a request names none")
+    scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
+    cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.scheduler, SchedulerConfig), "scheduler", self.scheduler,
+                "a SchedulerConfig")
+        require(isinstance(self.cache, AdapterCacheConfig), "cache", self.cache,
+                "an AdapterCacheConfig")
+        require_non_negative(self, "context_length", zero_means="the model's own")
+        require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
+        require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
+                "true, false or None (on for CUDA only)")
+        if self.context_length:
+            require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
+                    self.default_max_new_tokens, f"< context_length ({self.context_length})")
+
+    @classmethod
+    def build(cls, **flat: Any) -> EngineConfig:
+        """The engine tree from flat setting names (`max_batch=4, max_lora_rank=8`)."""
+        return settings.build(cls, **flat)
+
+    def context_for(self, native: int) -> int:
+        """Each row's capacity: the setting capped by the model's own context `native` (0 when
+        the model names none), or the model's own, or FALLBACK_CONTEXT_LENGTH."""
+        if self.context_length and native:
+            return min(self.context_length, native)
+        return self.context_length or native or FALLBACK_CONTEXT_LENGTH
 
 
 @dataclass
 class ServerConfig:
     """Everything `switchboard-server serve` can be told; checks ranges and combinations."""
 
-    base: str
-    adapters_root: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    max_batch: int = 16
-    max_loaded_adapters: int = 8
-    max_queue: int = 256
-    max_lora_rank: int = 64
-    # 0 means the model's own context length (max_position_embeddings). The engine keeps a KV
-    # cache of max_batch x context_length tokens, allocated at start.
-    context_length: int = 0
-    # Prompt tokens one engine step may prefill, and the longest prefill forward (in columns).
-    max_prefill_tokens: int = 4096
-    prefill_chunk_tokens: int = 512
-    # Decode steps replayed as CUDA graphs: None = on for CUDA, off on the CPU.
-    cuda_graphs: bool | None = None
-    default_max_new_tokens: int = 128
-    # Upper bound a request may ask for; larger values are refused with INVALID_ARGUMENT.
-    max_new_tokens_limit: int = 4096
-    default_truncation: str = "drop_oldest"
+    base: str = setting(help="base model directory or hub id")
+    adapters_root: Path = setting(
+        help="directory holding <name>/<version>/ adapters and aliases.json")
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(50051, "port to bind, 0 picks a free one")
+    device: str = setting("auto", "where the base model runs", choices=DEVICES)
+    engine: EngineConfig = section(EngineConfig, "engine")
+    default_truncation: TruncationStrategy = setting(
+        TruncationStrategy.DROP_OLDEST, "how a conversation over its token budget is fitted")
+    # The summarize strategy's writer; "" is the bare base.
+    summarize_adapter: str = setting(
+        "", "adapter writing summaries for the summarize strategy ('' = the bare base)")
+    # Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_seconds: float = setting(5.0, "seconds in-flight calls get on shutdown")
+
     # None disables server-side sessions (requests carrying a session id are then refused).
-    sessions_db: Path | None = None
+    sessions_db: Path | None = setting(
+        Path("switchboard-sessions.db"), "SQLite file for server-side sessions", group=SESSIONS)
     # A store URL (server/session_stores/backend.py: a path, sqlite:PATH, redis://...); when set
     # it replaces sessions_db. Replicas share sessions through a Redis URL.
-    sessions_url: str = ""
-    # How long a replica's hold on a session outlives the replica if it dies (Redis store only).
-    session_lease_seconds: float = 30.0
-    session_ttl_seconds: float = 7 * 24 * 3600.0
-    max_sessions: int = 10_000
-    # 0 turns the Prometheus endpoint off.
-    metrics_port: int = 0
-    metrics_host: str = "127.0.0.1"
-    # The OpenAI-compatible HTTP port (server/openai) on `host`; 0 turns it off.
-    http_port: int = 0
-    log_json: bool = False
-    # Adapter reference used by the summarize strategy; "" means the bare base.
-    summarize_adapter: str = ""
-    # Seconds in-flight RPCs get to finish on shutdown.
-    shutdown_grace_seconds: float = 5.0
+    sessions_url: str = setting(
+        "", "session store: a SQLite path, sqlite:PATH or redis://HOST:PORT/DB (replicas share "
+            "a Redis); replaces --sessions-db", flag="--sessions", metavar="URL", group=SESSIONS)
+    session_lease_seconds: float = setting(
+        30.0, "Redis store: how long a dead replica's hold on a session lasts", group=SESSIONS)
+    session_ttl_seconds: float = setting(
+        7 * 24 * 3600.0, "seconds an unused session is kept", group=SESSIONS)
+    max_sessions: int = setting(10_000, "sessions kept; the oldest go first", group=SESSIONS)
 
-    # Security. No keys at all means no authentication (loopback development); any key turns it
-    # on for every service but health and reflection. Admin keys may also chat and score.
-    # repr=False: a config printed in a log or traceback must not carry the keys.
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    admin_keys: tuple[str, ...] = field(default=(), repr=False)
-    # Key files, read at start and again on SIGHUP (server/keys.py): plain lists of API / admin
-    # keys, and the TOML tenants file (names, adapter scopes, limits). The keys above, from the
-    # environment or the caller, stay for the life of the process.
-    api_keys_file: Path | None = None
-    admin_keys_file: Path | None = None
-    keys_file: Path | None = None
-    # Append-only JSON lines of admin actions (server/audit.py); None = no audit trail.
-    audit_log: Path | None = None
-    # PEM files; cert + key turn TLS on, client_ca additionally requires client certificates
-    # signed by that CA (mutual TLS).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
+    metrics_port: int = setting(0, "Prometheus /metrics port; 0 = off", group=OBSERVABILITY)
+    metrics_host: str = setting("127.0.0.1", "address the metrics port binds",
+                                group=OBSERVABILITY)
+    http_port: int = setting(
+        0, "OpenAI-compatible HTTP port (POST /v1/chat/completions, GET /v1/models) on --host; "
+           "0 = off", group=OBSERVABILITY)
+    log_json: bool = setting(False, "log JSON lines", group=OBSERVABILITY)
 
-    # Limits, each answered with a precise status when passed.
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_messages: int = 1000
-    max_message_chars: int = 200_000
-    # 0 means only the context budget (context length - max_new_tokens) bounds the prompt.
-    max_prompt_tokens: int = 0
-    max_concurrent_requests: int = 512
-    max_concurrent_per_adapter: int = 256
-    # Largest adapter_model.safetensors the server will read.
-    max_adapter_bytes: int = 1024 * 1024 * 1024
-    # Bytes all loaded adapters may take together; 0 = bounded only by max_loaded_adapters.
-    adapter_memory_budget_bytes: int = 0
+    # No keys at all means no authentication (loopback development); any key turns it on for
+    # every service but health and reflection. Admin keys may also chat and score. The keys come
+    # from the environment or the caller and stay for the life of the process; repr=False: a
+    # config printed in a log or traceback must not carry them.
+    api_keys: tuple[str, ...] = setting((), cli=False, repr=False)
+    admin_keys: tuple[str, ...] = setting((), cli=False, repr=False)
+    # Read at start and again on SIGHUP (server/keys.py).
+    api_keys_file: Path | None = setting(None, "keys allowed to chat and score", group=SECURITY)
+    admin_keys_file: Path | None = setting(
+        None, "keys allowed to administer adapters, aliases and sessions (and to chat)",
+        group=SECURITY)
+    keys_file: Path | None = setting(
+        None, "TOML tenants file: [[keys]] with name, key (or sha256), kind, adapters (scope) "
+              "and limits (see docs/security.md)", group=SECURITY)
+    audit_log: Path | None = setting(
+        None, "append-only JSON lines of admin actions (switchboard audit FILE)", group=SECURITY)
+    # cert + key turn TLS on; client_ca additionally requires client certificates it signed.
+    tls_cert: Path | None = setting(None, "server certificate chain (PEM)", group=SECURITY)
+    tls_key: Path | None = setting(None, "server private key (PEM)", group=SECURITY)
+    tls_client_ca: Path | None = setting(
+        None, "CA (PEM) that client certificates must chain to: mutual TLS", group=SECURITY)
+
+    # Each limit, when passed, is answered with a precise status.
+    max_new_tokens_limit: int = setting(
+        4096, "largest max_new_tokens a request may ask for", group=LIMITS)
+    max_request_bytes: int = setting(4 * 1024 * 1024, "largest request message", group=LIMITS)
+    max_messages: int = setting(1000, "messages per request", group=LIMITS)
+    max_message_chars: int = setting(200_000, "characters per message", group=LIMITS)
+    max_prompt_tokens: int = setting(
+        0, "prompt token budget; 0 = context length - max_new_tokens", group=LIMITS)
+    max_concurrent_requests: int = setting(512, "running + waiting, in total", group=LIMITS)
+    max_concurrent_per_adapter: int = setting(256, "running + waiting per adapter", group=LIMITS)
+
+    @classmethod
+    def build(cls, **flat: Any) -> ServerConfig:
+        """The whole tree from flat setting names (`base=..., max_batch=4, port=0`)."""
+        return settings.build(cls, **flat)
 
     def __post_init__(self) -> None:
         self.adapters_root = Path(self.adapters_root)
         if self.sessions_db is not None:
             self.sessions_db = Path(self.sessions_db)
-        _require(bool(str(self.base).strip()), "base", self.base, "a model directory or hub id")
-        _require(self.host != "", "host", self.host, "a host name or address")
-        _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
-        _require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
-        self._check_positive("max_batch", "max_loaded_adapters", "max_queue", "max_lora_rank",
-                             "default_max_new_tokens", "max_new_tokens_limit", "max_sessions",
-                             "max_prefill_tokens", "prefill_chunk_tokens")
-        _require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
-                 "true, false or None (on for CUDA only)")
-        _require(not (self.cuda_graphs and self.device == "cpu"), "cuda_graphs",
-                 self.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")
-        _require(self.context_length >= 0, "context_length", self.context_length,
-                 ">= 0 (0 = the model's own)")
-        _require(self.default_max_new_tokens <= self.max_new_tokens_limit,
-                 "default_max_new_tokens", self.default_max_new_tokens,
-                 f"<= max_new_tokens_limit ({self.max_new_tokens_limit})")
-        if self.context_length:
-            _require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
-                     self.default_max_new_tokens, f"< context_length ({self.context_length})")
-        _require(self.default_truncation in TRUNCATION_STRATEGIES, "default_truncation",
-                 self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
-        self._check_sessions_url()
-        _require(math.isfinite(self.session_ttl_seconds) and self.session_ttl_seconds > 0,
-                 "session_ttl_seconds", self.session_ttl_seconds, "a positive number of seconds")
-        _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
-                 "in 0..65535 (0 = off)")
-        _require(self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port",
-                 self.metrics_port, f"different from port ({self.port})")
-        _require(0 <= self.http_port <= 65535, "http_port", self.http_port,
-                 "in 0..65535 (0 = off)")
-        _require(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port),
-                 "http_port", self.http_port,
-                 f"different from port ({self.port}) and metrics_port ({self.metrics_port})")
-        _require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds",
-                 self.shutdown_grace_seconds, ">= 0")
+        require(bool(str(self.base).strip()), "base", self.base, "a model directory or hub id")
+        require(self.host != "", "host", self.host, "a host name or address")
+        require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
+        require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        require(isinstance(self.engine, EngineConfig), "engine", self.engine, "an EngineConfig")
+        require(not (self.engine.cuda_graphs and self.device == "cpu"), "cuda_graphs",
+                self.engine.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")
+        require(self.default_truncation in tuple(TruncationStrategy), "default_truncation",
+                self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
+        self.default_truncation = TruncationStrategy(self.default_truncation)
+        self._check_sessions()
+        self._check_ports()
+        require(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds",
+                self.shutdown_grace_seconds, ">= 0")
         self._check_security()
-        self._check_positive("max_request_bytes", "max_messages", "max_message_chars",
-                             "max_concurrent_requests", "max_concurrent_per_adapter",
-                             "max_adapter_bytes")
-        for name in ("max_prompt_tokens", "adapter_memory_budget_bytes"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 0, name, value, ">= 0 (0 = no limit)")
-        _require(self.max_concurrent_per_adapter <= self.max_concurrent_requests,
-                 "max_concurrent_per_adapter", self.max_concurrent_per_adapter,
-                 f"<= max_concurrent_requests ({self.max_concurrent_requests})")
+        self._check_limits()
+
+    def _check_ports(self) -> None:
+        require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+                "in 0..65535 (0 = off)")
+        require(self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port",
+                self.metrics_port, f"different from port ({self.port})")
+        require(0 <= self.http_port <= 65535, "http_port", self.http_port,
+                "in 0..65535 (0 = off)")
+        require(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port),
+                "http_port", self.http_port,
+                f"different from port ({self.port}) and metrics_port ({self.metrics_port})")
+
+    def _check_limits(self) -> None:
+        require_positive(self, "max_new_tokens_limit", "max_request_bytes", "max_messages",
+                         "max_message_chars", "max_concurrent_requests",
+                         "max_concurrent_per_adapter")
+        require_non_negative(self, "max_prompt_tokens")
+        require(self.engine.default_max_new_tokens <= self.max_new_tokens_limit,
+                "default_max_new_tokens", self.engine.default_max_new_tokens,
+                f"<= max_new_tokens_limit ({self.max_new_tokens_limit})")
+        require(self.max_concurrent_per_adapter <= self.max_concurrent_requests,
+                "max_concurrent_per_adapter", self.max_concurrent_per_adapter,
+                f"<= max_concurrent_requests ({self.max_concurrent_requests})")
 
     def _check_security(self) -> None:
         self.api_keys = tuple(self.api_keys)
@@ -152,30 +237,33 @@ class ServerConfig:
         for name in ("api_keys", "admin_keys"):
             for key in getattr(self, name):
                 # The key itself never goes into a message: messages reach logs.
-                _require(isinstance(key, str) and len(key) >= MIN_KEY_CHARS
-                         and key.isprintable() and not any(c.isspace() for c in key),
-                         name, f"<a key of {len(key) if isinstance(key, str) else '?'} chars>",
-                         f"printable keys of at least {MIN_KEY_CHARS} characters, no spaces")
-        _require(not set(self.api_keys) & set(self.admin_keys), "admin_keys", "<redacted>",
-                 "different from every api key (a key has one kind)")
+                require(isinstance(key, str) and len(key) >= MIN_KEY_CHARS
+                        and key.isprintable() and not any(c.isspace() for c in key),
+                        name, f"<a key of {len(key) if isinstance(key, str) else '?'} chars>",
+                        f"printable keys of at least {MIN_KEY_CHARS} characters, no spaces")
+        require(not set(self.api_keys) & set(self.admin_keys), "admin_keys", "<redacted>",
+                "different from every api key (a key has one kind)")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file", "admin_keys_file",
                      "keys_file", "audit_log"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
-        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key",
-                 (self.tls_cert, self.tls_key), "given together (both PEM files) or not at all")
-        _require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
-                 self.tls_client_ca, "used with tls_cert and tls_key (mutual TLS needs TLS)")
+        require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key",
+                (self.tls_cert, self.tls_key), "given together (both PEM files) or not at all")
+        require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
+                self.tls_client_ca, "used with tls_cert and tls_key (mutual TLS needs TLS)")
 
-    def _check_sessions_url(self) -> None:
+    def _check_sessions(self) -> None:
+        require_positive(self, "max_sessions")
+        require(math.isfinite(self.session_ttl_seconds) and self.session_ttl_seconds > 0,
+                "session_ttl_seconds", self.session_ttl_seconds, "a positive number of seconds")
         if self.sessions_url:
             try:
                 parse_sessions_url(self.sessions_url)
             except ValueError as e:
                 raise ValueError(f"sessions_url: {e}") from None
-        _require(math.isfinite(self.session_lease_seconds) and self.session_lease_seconds >= 1,
-                 "session_lease_seconds", self.session_lease_seconds, "a number of seconds >= 1")
+        require(math.isfinite(self.session_lease_seconds) and self.session_lease_seconds >= 1,
+                "session_lease_seconds", self.session_lease_seconds, "a number of seconds >= 1")
 
     @property
     def sessions_location(self) -> SessionsURL | None:
@@ -195,13 +283,13 @@ class ServerConfig:
                           self.admin_keys_file, self.keys_file)
 
     @property
+    def default_max_new_tokens(self) -> int:
+        """The engine's default answer length, read by the edges (server/api.py, openai)."""
+        return self.engine.default_max_new_tokens
+
+    @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
-
-    def _check_positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, value, "a positive integer")
 
     @property
     def address(self) -> str:

@@ -41,6 +41,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from common.names import BASE_NAME
 from server.errors import PermissionDeniedError, UnauthenticatedError
 
 AUTHORIZATION_METADATA = "authorization"
@@ -49,7 +50,7 @@ BEARER = "bearer "
 HOW_TO_SEND = (f"send '{AUTHORIZATION_METADATA}: Bearer <key>' (or '{API_KEY_METADATA}: <key>') "
                "in the call metadata")
 MIN_KEY_CHARS = 16
-BASE_SCOPE = "__base__"
+BASE_SCOPE = BASE_NAME
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ID_SALT = b"switchboard key id\0"
 _TOML_FIELDS = frozenset({"name", "key", "sha256", "kind", "adapters", "max_in_flight",

@@ -33,7 +33,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-BASE_LABEL = "__base__"
+from common.names import BASE_NAME, TruncationStrategy
+
+BASE_LABEL = BASE_NAME
 OTHER_LABEL = "other"
 NAMESPACE = "switchboard"
 
@@ -43,7 +45,7 @@ STATUS_CODES = (
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )
-TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
+TRUNCATION_STRATEGIES = tuple(map(str, TruncationStrategy))
 # Which per-key limit refused a request (server/ratelimit.py).
 KEY_LIMITS = ("in_flight", "requests_per_minute", "tokens_per_minute")
 PROTOCOLS = ("grpc", "http")

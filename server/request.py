@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from common.names import BASE_NAME
 from server.output import OutputProcessor
 from server.sampling import SamplingParams
 
-BASE_KEY = "__base__"  # adapter label of the bare base, for metrics and batch checks
+BASE_KEY = BASE_NAME  # adapter label of the bare base, for metrics and batch checks
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

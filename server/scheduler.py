@@ -20,24 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from server.config import SchedulerConfig
 from server.errors import QueueFullError
 from server.request import Request, RequestStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """`max_batch` rows decode together; at most `max_queue` wait; a step prefills at most
-    `max_prefill_tokens` prompt tokens (always at least one request, so none starves)."""
-
-    max_batch: int = 16
-    max_queue: int = 256
-    max_prefill_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_prefill_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class Residency(Protocol):

@@ -35,6 +35,7 @@ from server.adapter_cache import (
     LoadedAdapterInfo,
     read_adapter,
 )
+from server.config import EngineConfig
 from server.engine.loader import AdapterLoader, LoadDone
 from server.engine.runner import ModelRunner, RunnerConfig
 from server.errors import (
@@ -47,46 +48,9 @@ from server.lora import BASE_SLOT, LoraStack
 from server.output import OutputProcessor
 from server.request import GenerationRequest, Request, RequestHandle, RequestStatus
 from server.sampling import RowSampler
-from server.scheduler import RowOutput, Scheduler, SchedulerConfig, StepPlan
+from server.scheduler import RowOutput, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings. `max_seq_len` is each row's KV capacity (prompt + answer), capped by
-    the model's own context; `cuda_graphs` None means on for CUDA, off elsewhere."""
-
-    max_batch: int = 16
-    max_queue: int = 256
-    max_loaded_adapters: int = 8
-    max_lora_rank: int = 64
-    default_max_new_tokens: int = 128
-    max_prefill_tokens: int = 4096
-    prefill_chunk_tokens: int = 512
-    max_seq_len: int = 2048
-    cuda_graphs: bool | None = None
-    # Largest adapter_model.safetensors read; larger ones are refused before reading.
-    max_adapter_bytes: int = 1024 * 1024 * 1024
-    # Bytes all loaded adapters may take together (their LoRA slot slices); 0 = no budget.
-    adapter_memory_budget_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_batch", "max_queue", "max_loaded_adapters", "max_lora_rank",
-            "default_max_new_tokens", "max_prefill_tokens", "prefill_chunk_tokens",
-            "max_seq_len", "max_adapter_bytes",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        budget = self.adapter_memory_budget_bytes
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            raise ValueError(
-                f"adapter_memory_budget_bytes must be an integer >= 0 (0 = none), got {budget!r}")
-        if self.cuda_graphs not in (None, True, False):
-            raise ValueError(f"cuda_graphs must be true, false or None (auto), got "
-                             f"{self.cuda_graphs!r}")
 
 
 @dataclass(frozen=True)
@@ -145,23 +109,20 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer
         native = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self.max_context = min(self.config.max_seq_len, native or self.config.max_seq_len)
+        self.max_context = self.config.context_for(native)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        slots = self.config.max_loaded_adapters + 1  # slot 0 is the bare base
-        self.stack = LoraStack(model, slots, self.config.max_lora_rank)
-        self.cache = AdapterCache(self.config.max_loaded_adapters,
-                                  self.config.adapter_memory_budget_bytes)
+        cache = self.config.cache
+        slots = cache.max_loaded_adapters + 1  # slot 0 is the bare base
+        self.stack = LoraStack(model, slots, cache.max_lora_rank)
+        self.cache = AdapterCache(cache.max_loaded_adapters, cache.adapter_memory_budget_bytes)
         self.runner = ModelRunner(
             model, self.stack,
-            RunnerConfig(self.config.max_batch, self.max_context,
+            RunnerConfig(self.config.scheduler.max_batch, self.max_context,
                          self.config.prefill_chunk_tokens),
             _pad_id(tokenizer),
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_batch, self.config.max_queue,
-                            self.config.max_prefill_tokens),
-            _eos_ids(model, tokenizer), self.max_context, _Residency(self),
-        )
+        self.scheduler = Scheduler(self.config.scheduler, _eos_ids(model, tokenizer),
+                                   self.max_context, _Residency(self))
         self.loader = AdapterLoader(self._read, self._wake)
         self._ready: dict[str, LoadDone] = {}  # read, waiting for a slot (engine thread)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -330,8 +291,8 @@ class Engine:
             f"adapter {key!r} is not loaded and no path was given to load it (loaded: {loaded})")
 
     def _read(self, path: Path) -> AdapterWeights:
-        return read_adapter(path, self.stack.module_shapes, self.config.max_lora_rank,
-                            max_bytes=self.config.max_adapter_bytes)
+        return read_adapter(path, self.stack.module_shapes, self.config.cache.max_lora_rank,
+                            max_bytes=self.config.cache.max_adapter_bytes)
 
     # -- adapters (engine thread, except `_want`) ----------------------------------------------
 

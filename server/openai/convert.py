@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from common.names import BASE_NAME
 from server.adapters import AdapterVersion
 from server.api import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, check_session_id, messages_from_pb
 from server.config import TRUNCATION_STRATEGIES, ServerConfig
@@ -42,7 +43,7 @@ from server.service import (
     check_conversation,
 )
 
-BASE_ALIAS = "__base__"  # what the eval suite calls the bare base
+BASE_ALIAS = BASE_NAME  # what the eval suite calls the bare base
 OWNER = "switchboard"
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 

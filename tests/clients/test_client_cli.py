@@ -89,9 +89,9 @@ def target(tiny_base: Path, adapters_root: Path, tmp_path_factory: pytest.TempPa
 
     work = tmp_path_factory.mktemp("cli-server")
     root = shutil.copytree(adapters_root, work / "adapters")  # aliases written here stay here
-    config = ServerConfig(base=str(tiny_base), adapters_root=root, port=0,
-                          sessions_db=work / "sessions.db", default_max_new_tokens=8,
-                          context_length=CONTEXT_LENGTH)
+    config = ServerConfig.build(base=str(tiny_base), adapters_root=root, port=0,
+                                sessions_db=work / "sessions.db", default_max_new_tokens=8,
+                                context_length=CONTEXT_LENGTH)
     running = start_in_thread(config)
     yield f"127.0.0.1:{running.port}"
     running.stop()

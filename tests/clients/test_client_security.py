@@ -45,9 +45,9 @@ def start_server(tiny_base: Path, adapters_root: Path, work: Path, **security: A
 
     # A copy: promotion tests move aliases, which are written into the adapters root.
     root = shutil.copytree(adapters_root, work / "adapters")
-    config = ServerConfig(base=str(tiny_base), adapters_root=root, port=0,
-                          sessions_db=work / "sessions.db", default_max_new_tokens=2,
-                          **security)
+    config = ServerConfig.build(base=str(tiny_base), adapters_root=root, port=0,
+                                sessions_db=work / "sessions.db", default_max_new_tokens=2,
+                                **security)
     return start_in_thread(config)
 
 

@@ -82,9 +82,9 @@ def server(tiny_base: Path, adapters_root: Path) -> Iterator:
     from server.app import start_in_thread
     from server.config import ServerConfig
 
-    running = start_in_thread(ServerConfig(
+    running = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=adapters_root, port=0, device="cpu", max_batch=8,
-        default_max_new_tokens=8, http_port=free_port()))
+        default_max_new_tokens=8, http_port=free_port(), sessions_db=None))
     yield running
     running.stop()
 

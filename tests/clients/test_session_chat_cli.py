@@ -43,7 +43,7 @@ def target(tiny_base: Path, adapters_root: Path, tmp_path_factory: pytest.TempPa
     from server.config import ServerConfig
 
     work = tmp_path_factory.mktemp("chat-cli")
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=shutil.copytree(adapters_root, work / "adapters"),
         port=0, device="cpu", sessions_db=work / "sessions.db", context_length=CONTEXT_LENGTH,
         default_max_new_tokens=MAX_NEW_TOKENS, shutdown_grace_seconds=1.0)
@@ -286,9 +286,10 @@ def test_summarize_with_a_window_too_small_for_the_summary_prompt(
     from server.app import start_in_thread
     from server.config import ServerConfig
 
-    running = start_in_thread(ServerConfig(
+    running = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=adapters_root, port=0, device="cpu",
-        context_length=128, default_max_new_tokens=16, shutdown_grace_seconds=0.5))
+        context_length=128, default_max_new_tokens=16, shutdown_grace_seconds=0.5,
+        sessions_db=None))
     try:
         with SwitchboardClient(f"127.0.0.1:{running.port}") as small:
             question = {"role": "user", "content": "and the last question?"}

@@ -511,7 +511,7 @@ def live(prometheus_bin: tuple[str, str], tiny_base: Path, adapters_root: Path,
     from server.config import ServerConfig
 
     work = tmp_path_factory.mktemp("live")
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=_serving_root(adapters_root, work), port=0,
         device="cpu", max_batch=8, max_loaded_adapters=2, context_length=CONTEXT_LENGTH,
         default_max_new_tokens=8, sessions_db=work / "sessions.db",

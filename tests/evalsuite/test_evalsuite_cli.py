@@ -206,8 +206,9 @@ def server(tiny_base: Path, adapters_root: Path, tmp_path_factory: pytest.TempPa
     # Promotion moves aliases: work on a copy so the shared fixture stays as other tests expect.
     root = tmp_path_factory.mktemp("eval-adapters") / "adapters"
     shutil.copytree(adapters_root, root)
-    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=root,
-                                           port=0, device="cpu", max_batch=8))
+    running = start_in_thread(ServerConfig.build(base=str(tiny_base), adapters_root=root,
+                                                 port=0, device="cpu", max_batch=8,
+                                                 sessions_db=None))
     yield running
     running.stop()
 

@@ -62,7 +62,7 @@ def write_small_adapters(base: Path, root: Path, count: int) -> None:
 def stub(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("zipf") / "adapters"
     write_small_adapters(tiny_base, root, ADAPTERS)
-    running = start_in_thread(ServerConfig(
+    running = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=root, port=0, device="cpu", max_batch=16,
         max_loaded_adapters=SLOTS, max_queue=256, context_length=256, sessions_db=None))
     channel = grpc.insecure_channel(running.target)

@@ -23,7 +23,7 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from common.modeling import base_fingerprint, load_base
 from server.adapters import AdapterRegistry, parse_ref
 from server.app import RunningServer, start_in_thread
-from server.config import ServerConfig
+from server.config import AdapterCacheConfig, ServerConfig
 from server.errors import AdapterLoadError, InvalidArgumentError
 from server.lora import LoraStack
 
@@ -163,7 +163,7 @@ def _with_lm_head(version: Path, base: Path) -> None:
 def _memory_bytes(tiny_base: Path, version: Path) -> int:
     """What the server counts for an adapter: its modules' LoRA slot slices."""
     model, _ = load_base(str(tiny_base))
-    stack = LoraStack(model, num_slots=2, max_rank=ServerConfig.max_lora_rank)
+    stack = LoraStack(model, num_slots=2, max_rank=AdapterCacheConfig.max_lora_rank)
     names = {k.split(".lora_")[0].removeprefix("base_model.model.")
              for k in load_file(str(version / WEIGHTS))}
     return stack.slice_bytes(sorted(names))
@@ -206,9 +206,10 @@ def limits(safety_root: Path, tiny_base: Path) -> tuple[int, int]:
 def server(tiny_base: Path, safety_root: Path, limits: tuple[int, int]
            ) -> Iterator[RunningServer]:
     max_bytes, budget = limits
-    config = ServerConfig(base=str(tiny_base), adapters_root=safety_root, port=0, device="cpu",
-                          max_batch=4, default_max_new_tokens=4, max_adapter_bytes=max_bytes,
-                          adapter_memory_budget_bytes=budget, shutdown_grace_seconds=0.5)
+    config = ServerConfig.build(
+        base=str(tiny_base), adapters_root=safety_root, port=0, device="cpu", max_batch=4,
+        default_max_new_tokens=4, max_adapter_bytes=max_bytes, adapter_memory_budget_bytes=budget,
+        shutdown_grace_seconds=0.5, sessions_db=None)
     running = start_in_thread(config)
     yield running
     running.stop()

@@ -37,7 +37,7 @@ def served_root(adapters_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def server(tiny_base: Path, served_root: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=served_root, port=0, device="cpu", max_batch=8,
         max_loaded_adapters=2, max_queue=64, default_max_new_tokens=SHORT,
         max_new_tokens_limit=512, metrics_port=free_port(),
@@ -499,8 +499,9 @@ def test_every_domain_error_has_its_own_code() -> None:
 # ---------------------------------------------------------------- a tiny queue
 
 def test_full_queue_is_resource_exhausted(tiny_base, served_root, long_adapter) -> None:
-    config = ServerConfig(base=str(tiny_base), adapters_root=served_root, port=0, device="cpu",
-                          max_batch=1, max_queue=1, shutdown_grace_seconds=0.5)
+    config = ServerConfig.build(base=str(tiny_base), adapters_root=served_root, port=0,
+                                device="cpu", max_batch=1, max_queue=1,
+                                shutdown_grace_seconds=0.5, sessions_db=None)
     running = start_in_thread(config)
     try:
         with grpc.insecure_channel(running.target) as ch:

@@ -51,7 +51,7 @@ def audited(tiny_base: Path, adapters_root: Path,
     adapters = shutil.copytree(adapters_root, work / "adapters")  # SetAlias writes there
     (work / "keys.toml").write_text(KEYS_TOML)
     log = work / "trail" / "audit.jsonl"
-    server = start_in_thread(ServerConfig(
+    server = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=adapters, port=0, device="cpu",
         sessions_db=work / "s.db", keys_file=work / "keys.toml", audit_log=log,
         default_max_new_tokens=2, shutdown_grace_seconds=0.5))

@@ -269,7 +269,7 @@ def tls_server(tiny_base: Path, adapters_root: Path, tls_files) -> Iterator[Runn
     server = start_in_thread(ServerConfig(
         base=str(tiny_base), adapters_root=adapters_root, port=0, device="cpu",
         shutdown_grace_seconds=0.2, tls_cert=tls_files.server_cert,
-        tls_key=tls_files.server_key))
+        tls_key=tls_files.server_key, sessions_db=None))
     yield server
     server.stop()
 
@@ -279,7 +279,7 @@ def mtls_server(tiny_base: Path, adapters_root: Path, tls_files) -> Iterator[Run
     server = start_in_thread(ServerConfig(
         base=str(tiny_base), adapters_root=adapters_root, port=0, device="cpu",
         shutdown_grace_seconds=0.2, tls_cert=tls_files.server_cert,
-        tls_key=tls_files.server_key, tls_client_ca=tls_files.ca))
+        tls_key=tls_files.server_key, tls_client_ca=tls_files.ca, sessions_db=None))
     yield server
     server.stop()
 
@@ -335,7 +335,7 @@ def test_an_unreadable_pem_file_fails_start_naming_the_file(
     files[broken] = tmp_path / "missing.pem"
     with pytest.raises(RuntimeError, match="did not start") as info:
         start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root, port=0,
-                                     device="cpu", **files))
+                                     device="cpu", **files, sessions_db=None))
     message = str(info.value.__cause__)
     assert phrase in message and str(files[broken]) in message
 
@@ -347,7 +347,7 @@ def test_a_file_that_is_not_pem_fails_start_naming_the_file(
     with pytest.raises(RuntimeError, match="did not start") as info:
         start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root, port=0,
                                      device="cpu", tls_cert=not_pem,
-                                     tls_key=tls_files.server_key))
+                                     tls_key=tls_files.server_key, sessions_db=None))
     assert f"{not_pem} is not a PEM file" in str(info.value.__cause__)
 
 
@@ -356,6 +356,6 @@ def test_a_key_that_does_not_match_the_certificate_fails_start_naming_both(
     with pytest.raises(RuntimeError, match="did not start") as info:
         start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root, port=0,
                                      device="cpu", tls_cert=tls_files.server_cert,
-                                     tls_key=tls_files.stranger_key))
+                                     tls_key=tls_files.stranger_key, sessions_db=None))
     message = str(info.value.__cause__)
     assert str(tls_files.server_cert) in message and str(tls_files.stranger_key) in message

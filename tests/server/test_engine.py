@@ -60,7 +60,7 @@ def _adapter_dir(root: Path, key: str) -> Path:
 def _new_engine(base: Path, root: Path, keys: list[str], **config: int) -> Engine:
     torch.set_num_threads(2)
     model, tokenizer = load_base(str(base))
-    engine = Engine(model, tokenizer, EngineConfig(**config), observer=Recorder())
+    engine = Engine(model, tokenizer, EngineConfig.build(**config), observer=Recorder())
     for key in keys:
         engine.load_adapter(key, _adapter_dir(root, key))
     return engine

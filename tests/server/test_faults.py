@@ -62,7 +62,7 @@ def sessions_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_base: Path, served_root: Path, sessions_db: Path) -> Iterator[RunningServer]:
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=served_root, port=0, device="cpu", max_batch=8,
         max_loaded_adapters=4, default_max_new_tokens=SHORT, max_new_tokens_limit=512,
         metrics_port=free_port(), sessions_db=sessions_db, shutdown_grace_seconds=1.0,

@@ -489,7 +489,7 @@ def fuzzed(tiny_base: Path, adapters_root: Path,
     original = snapshot(adapters_root)
     root = tmp_path_factory.mktemp("fuzz") / "adapters"
     shutil.copytree(adapters_root, root)
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=root, port=0, device="cpu", max_batch=8,
         max_loaded_adapters=2, max_queue=64, default_max_new_tokens=4,
         max_new_tokens_limit=ANSWER_LIMIT, context_length=CONTEXT,
@@ -607,11 +607,11 @@ def guarded(tiny_base: Path, adapters_root: Path,
     keys_file = root.parent / "keys.toml"
     keys_file.write_text(f'[[keys]]\nname = "fuzz-scoped"\nkey = "{SCOPED_KEY}"\n'
                          f'adapters = {list(SCOPE)!r}\n'.replace("'", '"'))
-    running = start_in_thread(ServerConfig(
+    running = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=root, port=0, device="cpu", max_loaded_adapters=2,
         default_max_new_tokens=4, max_new_tokens_limit=ANSWER_LIMIT, context_length=CONTEXT,
         api_keys=(API_KEY,), admin_keys=(ADMIN_KEY,), keys_file=keys_file,
-        shutdown_grace_seconds=1.0))
+        shutdown_grace_seconds=1.0, sessions_db=None))
     with grpc.insecure_channel(running.target) as ch:
         yield ch
     running.stop()

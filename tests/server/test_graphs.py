@@ -25,11 +25,12 @@ def test_graphs_are_off_on_the_cpu_and_refused_when_forced(tiny_base: Path):
     from common.modeling import LoadOptions, load_base
 
     model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
-    engine = Engine(model, tokenizer, EngineConfig(max_seq_len=64))
+    engine = Engine(model, tokenizer, EngineConfig(context_length=64, default_max_new_tokens=16))
     engine.start()
     engine.shutdown()
     assert engine.graph_capture_seconds is None and engine.runner.graphs is None
-    forced = Engine(model, tokenizer, EngineConfig(max_seq_len=64, cuda_graphs=True))
+    forced = Engine(model, tokenizer, EngineConfig(context_length=64, default_max_new_tokens=16,
+                                                   cuda_graphs=True))
     with pytest.raises(InvalidArgumentError, match="need a CUDA device"):
         forced.start()
 
@@ -41,8 +42,8 @@ def test_replayed_decode_gives_the_eager_tokens(tiny_base: Path, adapters_root: 
     answers = {}
     for graphs in (False, True):
         model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cuda"))
-        engine = Engine(model, tokenizer, EngineConfig(max_batch=8, max_seq_len=256,
-                                                       cuda_graphs=graphs))
+        engine = Engine(model, tokenizer, EngineConfig.build(max_batch=8, context_length=256,
+                                                             cuda_graphs=graphs))
         engine.load_adapter("alpha@1", adapters_root / "alpha" / "1")
         engine.start()
         try:

@@ -32,7 +32,7 @@ def server(tiny_base: Path, adapters_root: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("limits") / "adapters"
     shutil.copytree(adapters_root, root)
-    config = ServerConfig(
+    config = ServerConfig.build(
         base=str(tiny_base), adapters_root=root, port=0, device="cpu", max_batch=4,
         default_max_new_tokens=4, max_messages=MAX_MESSAGES, max_message_chars=MAX_CHARS,
         max_prompt_tokens=MAX_PROMPT, max_concurrent_requests=2, max_concurrent_per_adapter=1,

@@ -47,8 +47,8 @@ def _config(base: Path, root: Path, **overrides) -> ServerConfig:
     settings = dict(base=str(base), adapters_root=root, port=0, device="cpu", max_batch=8,
                     max_loaded_adapters=2, default_max_new_tokens=SHORT,
                     max_new_tokens_limit=512, http_port=free_port(),
-                    shutdown_grace_seconds=1.0)
-    return ServerConfig(**(settings | overrides))
+                    shutdown_grace_seconds=1.0, sessions_db=None)
+    return ServerConfig.build(**(settings | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_each_domain_error_has_its_http_status(error, status, code) -> None:
 ])
 def test_the_http_port_is_checked_with_the_other_ports(tmp_path, overrides, words) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):
-        ServerConfig(base="b", adapters_root=tmp_path, **overrides)
+        ServerConfig.build(base="b", adapters_root=tmp_path, **overrides)
 
 
 def test_the_http_port_is_off_by_default_and_a_serve_flag() -> None:

@@ -159,7 +159,8 @@ def server(tiny_base: Path, adapters_root: Path,
     (work / "keys.toml").write_text(KEYS_TOML)
     running = start_in_thread(ServerConfig(
         base=str(tiny_base), adapters_root=adapters_root, port=0, device="cpu",
-        keys_file=work / "keys.toml", metrics_port=free_port(), shutdown_grace_seconds=0.5))
+        keys_file=work / "keys.toml", metrics_port=free_port(), shutdown_grace_seconds=0.5,
+        sessions_db=None))
     yield running
     running.stop()
 

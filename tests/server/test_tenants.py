@@ -88,7 +88,7 @@ def server(tiny_base: Path, adapters_root: Path,
     # Aliases are resolved before the scope check: acme-prod is acme's, sneaky is not.
     (adapters / "aliases.json").write_text('{"acme-prod": "alpha@1", "sneaky": "beta@1"}\n')
     (work / "keys.toml").write_text(KEYS_TOML)
-    running = start_in_thread(ServerConfig(
+    running = start_in_thread(ServerConfig.build(
         base=str(tiny_base), adapters_root=adapters, port=0, device="cpu",
         sessions_db=legacy_store(work / "s.db"), keys_file=work / "keys.toml",
         default_max_new_tokens=4, shutdown_grace_seconds=0.5))
