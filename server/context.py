@@ -55,21 +55,17 @@ _SLACK = 2
 Summarizer = Callable[[list[Message]], str]
 
 
-def prompt_budget(context_length: int, max_new_tokens: int, configured_max: int = 0) -> int:
-    """Tokens left for the prompt: the window (the model's, or a smaller configured one) minus
-    the tokens reserved for the answer."""
+def prompt_budget(context_length: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt: the context window minus the tokens reserved for the answer."""
     if context_length <= 0:
         raise InvalidArgumentError(f"context_length must be positive, got {context_length}")
     if max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if configured_max < 0:
-        raise InvalidArgumentError(f"configured_max must be >= 0, got {configured_max}")
-    window = min(context_length, configured_max) if configured_max else context_length
-    budget = window - max_new_tokens
+    budget = context_length - max_new_tokens
     if budget <= 0:
         raise InvalidArgumentError(
             f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context window "
-            f"of {window} tokens; ask for fewer than {window} new tokens")
+            f"of {context_length} tokens; ask for fewer than {context_length} new tokens")
     return budget
 
 

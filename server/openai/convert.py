@@ -17,6 +17,13 @@ from typing import Any, NamedTuple
 from server.adapters import AdapterVersion
 from server.api import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, check_session_id, messages_from_pb
 from server.config import TRUNCATION_STRATEGIES, ServerConfig
+from server.core import (
+    AdapterListing,
+    ChatInput,
+    ChatResult,
+    ScoreOutcome,
+    check_conversation,
+)
 from server.errors import InvalidArgumentError
 from server.keys import Caller
 from server.openai.errors import UnsupportedFieldError
@@ -34,13 +41,6 @@ from server.openai.schemas import (
     Usage,
 )
 from server.sampling import SamplingParams
-from server.service import (
-    AdapterListing,
-    ChatInput,
-    ChatResult,
-    ScoreOutcome,
-    check_conversation,
-)
 
 BASE_ALIAS = "__base__"  # what the eval suite calls the bare base
 OWNER = "switchboard"
