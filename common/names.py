@@ -35,3 +35,7 @@ class TruncationStrategy(enum.StrEnum):
     SLIDING_WINDOW = "sliding_window"
     MIDDLE_OUT = "middle_out"
     SUMMARIZE = "summarize"
+
+
+# The strategies' plain names, for membership checks and messages (one definition).
+TRUNCATION_STRATEGIES: tuple[str, ...] = tuple(s.value for s in TruncationStrategy)

@@ -31,6 +31,7 @@ from clients.errors import SwitchboardRpcError
 from clients.http import AsyncHttpClient
 from clients.transport import async_client_for
 from common.data import DataError
+from common.names import BASE_NAME
 from evalsuite.ab.cli import add_ab_commands
 from evalsuite.ab.errors import RatingSetError
 from evalsuite.cache import ResultCache
@@ -38,7 +39,6 @@ from evalsuite.exitcodes import EXIT_ERROR, EXIT_PASS, EXIT_REGRESSION
 from evalsuite.gate import DEFAULT_GATE_FILE, Gate, GateError, default_gate, load_gate
 from evalsuite.promote import PromotionRefused, promote
 from evalsuite.replay import (
-    BASE,
     MODES,
     TRUNCATIONS,
     ConversationResult,
@@ -111,7 +111,8 @@ class RunSettings:
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
         if len(set(adapters)) != len(adapters):
             raise UsageError(f"--adapters lists an adapter twice: {args.adapters!r}")
-        baseline = args.baseline or (BASE if BASE in adapters else adapters[0] if adapters else "")
+        default = BASE_NAME if BASE_NAME in adapters else adapters[0] if adapters else ""
+        baseline = args.baseline or default
         if baseline and baseline not in adapters:
             adapters.insert(0, baseline)
         if len(adapters) < 2:

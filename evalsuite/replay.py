@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from clients.errors import SwitchboardRpcError
+from common.names import BASE_NAME
 from evalsuite.cache import ResultCache, cache_key
 
 if TYPE_CHECKING:  # the replay needs only the shape, not the file loader
     from evalsuite.testsets import EvalConversation
 
 MODES = ("reference", "free")
-BASE = "__base__"
 TRUNCATIONS = ("", "error", "drop_oldest", "sliding_window", "middle_out", "summarize")
 # Failures a later run may not repeat: a conversation with one of these is not cached.
 TRANSIENT_CODES = frozenset({
@@ -148,11 +148,11 @@ async def resolve_adapter(backend: ChatBackend, requested: str) -> ResolvedAdapt
     The replay then names that exact version, so an alias that moves mid-run cannot mix versions.
     Raises SwitchboardRpcError when the server cannot resolve it.
     """
-    if requested == BASE:
-        return ResolvedAdapter(requested, BASE, "")
+    if requested == BASE_NAME:
+        return ResolvedAdapter(requested, BASE_NAME, "")
     probe = await backend.score([{"role": "user", "content": "ping"}], "ok", adapter=requested)
     if not probe.adapter_name:
-        return ResolvedAdapter(requested, BASE, "")
+        return ResolvedAdapter(requested, BASE_NAME, "")
     key = f"{probe.adapter_name}@{probe.adapter_version}"
     return ResolvedAdapter(requested, key, key)
 

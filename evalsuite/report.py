@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from rouge_score import rouge_scorer
 
+from common.names import BASE_NAME
 from evalsuite.ab.render import human_html, human_markdown
 from evalsuite.gate import DEFAULT_GATE_FILE, Gate, apply_gate
 from evalsuite.metrics import (
@@ -78,7 +79,7 @@ def _adapter_summary(results: Sequence[ConversationResult], config: BootstrapCon
         "conversations": len(results),
         "cached_conversations": sum(r.cached for r in results),
         "adapter_versions": sorted({f"{t.adapter_name}@{t.adapter_version}" if t.adapter_name
-                                    else "__base__" for t in turns if t.ok}),
+                                    else BASE_NAME for t in turns if t.ok}),
         "corpus": corpus_signatures(results),
     }
 

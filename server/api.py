@@ -1,226 +1,63 @@
 """gRPC servicers on grpc.aio: validate, convert proto <-> domain, call one component, convert back.
 
-This is the edge: request validation, proto <-> domain conversion and the ONLY place where domain
-exceptions (server/errors.py) become status codes (see STATUS_BY_ERROR). The work itself (chat,
-score, adapter and session administration) is in server/service.py, which knows no gRPC.
-
-Requests are decoded here too (`add_servicers` registers the handlers with our deserializer): a
-body protobuf refuses, such as a string field holding invalid UTF-8, reaches the handler as an
-`UndecodableRequest` and is answered INVALID_ARGUMENT instead of grpc's own UNKNOWN.
+The work itself (chat, score, adapter and session administration) is in server/core, which
+knows no gRPC. Request ids, status codes and metrics are the interceptor's
+(server/interceptor.py): a servicer raises domain errors (server/errors.py) and never aborts.
+`add_servicers` registers the handlers with the interceptor's deserializer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from common.conversation import ROLES, Message
+from common.names import TRUNCATION_STRATEGIES, TruncationStrategy
 from server.adapters import AdapterVersion, Alias, AliasMove, shown
 from server.audit import OK, entry
-from server.config import TRUNCATION_STRATEGIES, ServerConfig
-from server.errors import (
-    AdapterInUseError,
-    AdapterLoadError,
-    ContextOverflowError,
-    FailedPreconditionError,
-    IncompatibleAdapterError,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    SessionBusyError,
-    SwitchboardError,
-    UnauthenticatedError,
-    UnavailableError,
-)
-from server.keys import Caller, presented_key
-from server.logging_setup import (
-    REQUEST_ID_METADATA_KEY,
-    current_request_id,
-    new_request_id,
-    request_context,
-)
-from server.ratelimit import RETRY_AFTER_METADATA, retry_after_text
-from server.sampling import SamplingParams
-from server.service import (
-    UNRESOLVED_LABEL,
+from server.config import ServerConfig
+from server.core import (
     AdapterAdmin,
     AdapterStatus,
     ChatCall,
     ChatInput,
     ChatResult,
     Delta,
-    Runtime,
     ScoreOutcome,
     SessionAdmin,
     Truncation,
     check_conversation,
+    current_record,
     score,
 )
+from server.errors import InvalidArgumentError
+from server.interceptor import deserializer
+from server.keys import Caller, presented_key
+from server.runtime import Runtime
+from server.sampling import SamplingParams
 from server.sessions import Session, SessionInfo, validate_session_id
+from server.status import code_name
 
-# What server/app.py imports from here; InferenceCore, Limits and Runtime live in server.service.
-__all__ = ["SERVICE_NAMES", "add_servicers", "status_for"]
-log = logging.getLogger(__name__)
+__all__ = ["SERVICE_NAMES", "add_servicers"]
 T = TypeVar("T")
-
-# ---------------------------------------------------------------- the one error table
-
-STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
-    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    IncompatibleAdapterError: grpc.StatusCode.FAILED_PRECONDITION,
-    AdapterInUseError: grpc.StatusCode.FAILED_PRECONDITION,
-    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ContextOverflowError: grpc.StatusCode.OUT_OF_RANGE,
-    SessionBusyError: grpc.StatusCode.ABORTED,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
-}
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    """The status code of the most specific known class of `error`; INTERNAL for the unexpected."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-ADAPTERS_ROOT_PLACEHOLDER = "<adapters-root>"
-
-
-def redact_paths(message: str, adapters_root: Path) -> str:
-    """The message with the server's adapters directory replaced by a placeholder: callers
-    learn which adapter file is wrong, not where the server keeps its files."""
-    for form in {str(adapters_root.resolve()), str(adapters_root)}:
-        if form not in ("", ".", "/"):
-            message = message.replace(form, ADAPTERS_ROOT_PLACEHOLDER)
-    return message
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, rpc: str,
-                 adapters_root: Path) -> None:
-    """Known failures get their own code and message; anything else is logged with its
-    traceback and answered INTERNAL with the request id to find it in the log."""
-    code = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("unexpected error in %s", rpc, exc_info=error)
-        await context.abort(code, f"internal error in {rpc} ({type(error).__name__}); see the "
-                                  f"server log for request {current_request_id()}")
-    if code is grpc.StatusCode.FAILED_PRECONDITION or code is grpc.StatusCode.NOT_FOUND:
-        log.info("%s refused: %s", rpc, error)  # the full paths stay in the server's log
-    retry_after = getattr(error, "retry_after_s", None)
-    trailers = () if retry_after is None else ((RETRY_AFTER_METADATA,
-                                                retry_after_text(retry_after)),)
-    await context.abort(code, redact_paths(str(error), adapters_root), trailers)
-
-
-
-def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's x-request-id (so its logs and ours line up), else a fresh id."""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_METADATA_KEY and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return new_request_id()
-
-
-async def _announce_request_id(context: grpc.aio.ServicerContext) -> str:
-    """Pick the request id and send it first, in the initial metadata, so that even a call that
-    fails carries the id that the server's log lines use."""
-    request_id = _metadata_request_id(context)
-    await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
-    return request_id
-
-
-@dataclass(frozen=True)
-class UndecodableRequest:
-    """What the handler gets instead of a request protobuf could not parse."""
-
-    type_name: str
-    error: str
-
-    def check(self) -> None:
-        raise InvalidArgumentError(
-            f"request is not a valid {self.type_name}: {self.error}; strings must be UTF-8")
-
-
-def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
-    """`message_type.FromString`, but a body it refuses becomes an UndecodableRequest: grpc
-    would otherwise answer UNKNOWN before any handler (or its error mapping) runs."""
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as e:
-            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(e))
-
-    return deserialize
-
-
-def _decoded(request: Any) -> None:
-    if isinstance(request, UndecodableRequest):
-        request.check()
-
-
-def unary_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Map exceptions of a unary handler to status codes (known ones precisely, others INTERNAL)."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with request_context(await _announce_request_id(context)):
-            try:
-                _decoded(request)
-                return await method(self, request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__, self.runtime.config.adapters_root)
-
-    return wrapper
-
-
-def stream_rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The same mapping for server-streaming handlers (async generators)."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with request_context(await _announce_request_id(context)):
-            try:
-                _decoded(request)
-                async for item in method(self, request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the one last-resort handler, see _abort
-                await _abort(context, e, method.__name__, self.runtime.config.adapters_root)
-
-    return wrapper
 
 
 # ---------------------------------------------------------------- request validation
 
 STRATEGY_BY_PB = {
-    pb.TRUNCATION_STRATEGY_ERROR: "error",
-    pb.TRUNCATION_STRATEGY_DROP_OLDEST: "drop_oldest",
-    pb.TRUNCATION_STRATEGY_SLIDING_WINDOW: "sliding_window",
-    pb.TRUNCATION_STRATEGY_MIDDLE_OUT: "middle_out",
-    pb.TRUNCATION_STRATEGY_SUMMARIZE: "summarize",
+    pb.TRUNCATION_STRATEGY_ERROR: TruncationStrategy.ERROR,
+    pb.TRUNCATION_STRATEGY_DROP_OLDEST: TruncationStrategy.DROP_OLDEST,
+    pb.TRUNCATION_STRATEGY_SLIDING_WINDOW: TruncationStrategy.SLIDING_WINDOW,
+    pb.TRUNCATION_STRATEGY_MIDDLE_OUT: TruncationStrategy.MIDDLE_OUT,
+    pb.TRUNCATION_STRATEGY_SUMMARIZE: TruncationStrategy.SUMMARIZE,
 }
 PB_BY_STRATEGY = {v: k for k, v in STRATEGY_BY_PB.items()}
 FINISH_BY_REASON = {
@@ -272,7 +109,7 @@ def _check_float(name: str, value: float, low: float, high: float, note: str) ->
 
 def sampling_from_pb(sampling: pb.SamplingParams, config: ServerConfig,
                      vocab_size: int) -> SamplingParams:
-    max_new = sampling.max_new_tokens or config.default_max_new_tokens
+    max_new = sampling.max_new_tokens or config.engine.default_max_new_tokens
     if max_new > config.max_new_tokens_limit:
         raise InvalidArgumentError(
             f"sampling.max_new_tokens is {max_new}; allowed: 1..{config.max_new_tokens_limit} "
@@ -421,10 +258,6 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _code_name(error: BaseException) -> str:
-    return status_for(error).name
-
-
 def caller_of(runtime: Runtime, context: grpc.aio.ServicerContext) -> Caller:
     """Who makes this call (the interceptor has already refused unknown keys)."""
     return runtime.caller(presented_key(context.invocation_metadata()))
@@ -439,7 +272,7 @@ async def audited(runtime: Runtime, caller: Caller, action: str, target: str,
         result = await work
     except Exception as e:
         await asyncio.to_thread(runtime.audit.record,
-                                entry(caller, action, target, _code_name(e), str(e)))
+                                entry(caller, action, target, code_name(e), str(e)))
         raise
     await asyncio.to_thread(runtime.audit.record, entry(caller, action, target, OK))
     return result
@@ -450,19 +283,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.runtime = runtime
 
     def _call(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> ChatCall:
+        current_record().begin_chat(request.adapter.strip())  # counted even when refused here
         core = self.runtime.require()
-        try:
-            chat = replace(chat_input_from_pb(request, core.config, core.limits.vocab_size),
-                           caller=caller_of(self.runtime, context))
-        except SwitchboardError as e:
-            core.metric("observe_request", UNRESOLVED_LABEL if request.adapter else None,
-                        _code_name(e), None, None, 0.0, 0, 0)
-            raise
-        call = ChatCall(core, chat, _deadline(context), code_of=_code_name)
+        chat = replace(chat_input_from_pb(request, core.config, core.limits.vocab_size),
+                       caller=caller_of(self.runtime, context))
+        call = ChatCall(core, chat, _deadline(context))
         context.add_done_callback(lambda _: call.cancel())
         return call
 
-    @unary_rpc
     async def Chat(self, request: pb.ChatRequest,
                    context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         result = None
@@ -472,7 +300,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         assert result is not None, "the engine ended a stream without a finish event"
         return chat_response_pb(result)
 
-    @stream_rpc
     async def ChatStream(self, request: pb.ChatRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatChunk]:
         streamed = 0
@@ -487,7 +314,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    completion_tokens=item.completion_tokens,
                                    final=chat_response_pb(item))
 
-    @unary_rpc
     async def Score(self, request: pb.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         core = self.runtime.require()
@@ -505,7 +331,6 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     def _admin(self) -> AdapterAdmin:
         return AdapterAdmin(self.runtime.require())
 
-    @unary_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest,
                           context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
         loaded = await audited(self.runtime, caller_of(self.runtime, context), "adapter.load",
@@ -513,7 +338,6 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         return pb.LoadAdapterResponse(adapter=adapter_info_pb(loaded.adapter),
                                       load_seconds=loaded.load_seconds)
 
-    @unary_rpc
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         status = await audited(self.runtime, caller_of(self.runtime, context),
@@ -521,14 +345,12 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
                                self._admin().unload(request.adapter))
         return pb.UnloadAdapterResponse(adapter=adapter_info_pb(status))
 
-    @unary_rpc
     async def ListAdapters(self, request: pb.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
         listing = await self._admin().list()
         return pb.ListAdaptersResponse(adapters=[adapter_info_pb(a) for a in listing.adapters],
                                        aliases=[alias_pb(a) for a in listing.aliases])
 
-    @unary_rpc
     async def SetAlias(self, request: pb.SetAliasRequest,
                        context: grpc.aio.ServicerContext) -> pb.SetAliasResponse:
         alias, previous = await audited(
@@ -537,7 +359,6 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             self._admin().set_alias(request.alias.strip(), request.target, request.reason))
         return pb.SetAliasResponse(alias=alias_pb(alias), previous=previous)
 
-    @unary_rpc
     async def AliasHistory(self, request: pb.AliasHistoryRequest,
                            context: grpc.aio.ServicerContext) -> pb.AliasHistoryResponse:
         moves = await self._admin().history(request.alias)
@@ -561,20 +382,17 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def _admin(self, context: grpc.aio.ServicerContext) -> SessionAdmin:
         return SessionAdmin(self.runtime.require(), caller_of(self.runtime, context))
 
-    @unary_rpc
     async def GetSession(self, request: pb.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.Session:
         session_id = _required_session(request.session_id)
         return session_pb(await self._admin(context).get(session_id))
 
-    @unary_rpc
     async def ListSessions(self, request: pb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
         limit = min(request.limit or DEFAULT_SESSION_LIST, MAX_SESSION_LIST)
         infos = await self._admin(context).list(limit)
         return pb.ListSessionsResponse(sessions=[session_info_pb(i) for i in infos])
 
-    @unary_rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
         session_id = _required_session(request.session_id)
@@ -593,7 +411,7 @@ SERVICE_NAMES = (
 
 def method_handlers(service_name: str, servicer: Any) -> dict[str, grpc.RpcMethodHandler]:
     """The service's handlers as the generated add_*_to_server builds them, but decoding each
-    request with `_deserializer`. Every method of our services has a unary request."""
+    request with the interceptor's `deserializer`. Every method here has a unary request."""
     service = pb.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
@@ -602,7 +420,7 @@ def method_handlers(service_name: str, servicer: Any) -> dict[str, grpc.RpcMetho
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=_deserializer(request_type),
+                                     request_deserializer=deserializer(request_type),
                                      response_serializer=response_type.SerializeToString)
     return handlers
 

@@ -38,15 +38,18 @@ from server.audit import OK, AuditLog, entry
 from server.auth import AuthInterceptor, KeyRing, LiveKeys
 from server.config import ServerConfig
 from server.context import PromptRenderer
+from server.core import Executors, InferenceCore, Limits
 from server.drain import DrainGate
 from server.engine import Engine
-from server.service import InferenceCore, Limits, Runtime
+from server.interceptor import CallInterceptor
+from server.runtime import Runtime
 from server.sessions import SessionLocks
 
 log = logging.getLogger(__name__)
 
 SESSION_PURGE_INTERVAL_S = 600.0
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICES = (reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 
 
 @dataclass
@@ -129,12 +132,14 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
         if parts.sessions is not None:
             parts.metrics.set_sessions(parts.sessions.count())
     limits = Limits(context_length=parts.engine.max_context, vocab_size=len(tokenizer))
-    return InferenceCore(engine=parts.engine, tokenizer=tokenizer,
-                         renderer=PromptRenderer(tokenizer), registry=registry,
-                         config=config, limits=limits, metrics=parts.metrics,
+    executors = Executors()
+    parts.closers.append(executors.close)
+    return InferenceCore(engine=parts.engine, renderer=PromptRenderer(tokenizer),
+                         registry=registry, config=config, limits=limits,
                          sessions=parts.sessions,
                          session_locks=(SessionLocks() if parts.session_locks is None
-                                        else parts.session_locks))
+                                        else parts.session_locks),
+                         executors=executors)
 
 
 def _version() -> str:
@@ -218,8 +223,11 @@ def _security_summary(config: ServerConfig, keys: LiveKeys | None) -> str:
 
 def _build_server(config: ServerConfig, runtime: Runtime, health: HealthServicer,
                   gate: DrainGate) -> grpc.aio.Server:
-    # Auth runs first, so refused callers are neither counted by the gate nor told its state.
-    interceptors: list[grpc.aio.ServerInterceptor] = [gate]
+    # Auth runs first, so refused callers are neither counted by the gate nor told its state;
+    # the calls the gate admits get their request id, status code and metrics from the last.
+    edge = CallInterceptor(lambda: runtime.metrics, config.adapters_root,
+                           exempt=frozenset({HEALTH_SERVICE, *REFLECTION_SERVICES}))
+    interceptors: list[grpc.aio.ServerInterceptor] = [gate, edge]
     if runtime.keys is not None:
         interceptors.insert(0, AuthInterceptor(runtime.keys))
     # grpc itself answers RESOURCE_EXHAUSTED for a request over the limit, before decoding it.
@@ -266,6 +274,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                     "(see --api-keys-file / --admin-keys-file)", config.host, port)
     try:
         metrics_port = _make_metrics(config, parts)
+        runtime.metrics = parts.metrics
         http_port = await _start_http(config, runtime, parts)
         started = time.monotonic()
         runtime.core = await asyncio.to_thread(_load, config, parts)

@@ -1,7 +1,7 @@
 """Who may call what, on gRPC: the key table per service and the interceptor enforcing it.
 
 A key comes as `authorization: Bearer <key>` (or `x-api-key: <key>`). InferenceService (chat,
-score) and SessionService (a key's own sessions; ownership is checked in server/service.py) take
+score) and SessionService (a key's own sessions; ownership is checked in server/core) take
 an API key or an admin key; every other service takes an admin key only, so a service added
 later is admin-only until this table says otherwise. Health and reflection are open: load
 balancers and tools probe them without secrets. Who a key is (its name, scope and limits) and
@@ -22,7 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from server.api import SERVICE_NAMES, status_for
+from server.api import SERVICE_NAMES
+from server.interceptor import service_of, with_behaviour
 from server.keys import (
     API_KEY_METADATA,
     AUTHORIZATION_METADATA,
@@ -34,6 +35,7 @@ from server.keys import (
     LiveKeys,
     presented_key,
 )
+from server.status import status_for
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,6 @@ PUBLIC_SERVICES = frozenset({
     reflection.SERVICE_NAME,
     "grpc.reflection.v1.ServerReflection",
 })
-
-
-def service_of(method: str) -> str:
-    """'/pkg.Service/Method' -> 'pkg.Service'."""
-    return method.lstrip("/").split("/", 1)[0]
 
 
 def required_kind(method: str) -> KeyKind | None:
@@ -66,22 +63,6 @@ def check(keys: KeyRing | LiveKeys, method: str,
     `method` (None for the open services)."""
     return keys.authorize(presented_key(metadata), required_kind(method), method,
                           admin_only_for=" and ".join(sorted(API_SERVICES)))
-
-
-Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> grpc.RpcMethodHandler:
-    """`handler` with the same shape and (de)serializers, running `behaviour` instead."""
-    factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(behaviour, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
 
 
 def _rejecting(handler: grpc.RpcMethodHandler, method: str,

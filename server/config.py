@@ -1,11 +1,11 @@
 """Server settings: one tree of validated dataclasses, read once in `main` and passed down.
 
-`ServerConfig` holds the serving edge's settings and an `engine: EngineConfig`, which holds the
-`scheduler: SchedulerConfig` and adapter `cache: AdapterCacheConfig` sections; the engine gets
-its section, the scheduler its own. Each field is written once, with its default, help and
-checks; server/cli.py generates the flags from these fields (common/settings.py). The tree lives
-here, not beside the engine, because this module must not load torch: the CLI parses flags and
-sets thread policies before torch is imported.
+`ServerConfig` holds the serving edge's settings and an `engine: EngineConfig`
+(server/engine_config.py), which holds the `scheduler: SchedulerConfig` and adapter `cache:
+AdapterCacheConfig` sections; the engine gets its section, the scheduler its own. Each field is
+written once, with its default, help and checks; server/cli.py generates the flags from these
+fields (common/settings.py). Neither module loads torch: the CLI parses flags and sets thread
+policies before torch is imported.
 """
 
 from __future__ import annotations
@@ -16,96 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from common import settings
-from common.names import TruncationStrategy
+from common.names import TRUNCATION_STRATEGIES, TruncationStrategy
 from common.settings import require, require_non_negative, require_positive, section, setting
+from server.engine_config import (
+    EngineConfig,
+)
 from server.keys import KeySources
 from server.session_stores.backend import SessionsURL, parse_sessions_url
 
 DEVICES = ("auto", "cpu", "cuda")
 MIN_KEY_CHARS = 16
 SECURITY, SESSIONS, LIMITS, OBSERVABILITY = "security", "sessions", "limits", "observability"
-# Derived from the enum for the edges that still import it (server/api.py).
-TRUNCATION_STRATEGIES = tuple(map(str, TruncationStrategy))
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """How many rows run and wait, and how much prompt one step may prefill."""
-
-    max_batch: int = setting(16, "rows decoded together in one step")
-    max_queue: int = setting(256, "waiting requests before RESOURCE_EXHAUSTED")
-    # Always at least one request per step, however long its prompt, so none starves.
-    max_prefill_tokens: int = setting(
-        4096, "prompt tokens one engine step may prefill (at least one request)")
-
-    def __post_init__(self) -> None:
-        require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
-
-
-# The context used when neither the setting nor the model (max_position_embeddings) names one.
-FALLBACK_CONTEXT_LENGTH = 2048
-
-
-@dataclass(frozen=True)
-class AdapterCacheConfig:
-    """Which adapters may be loaded and how many stay resident (server.adapter_cache)."""
-
-    max_loaded_adapters: int = setting(
-        8, "adapters kept in memory; least recently used unpinned ones go first")
-    max_lora_rank: int = setting(64, "largest LoRA rank an adapter may have")
-    # Checked before reading, so an oversized file costs nothing.
-    max_adapter_bytes: int = setting(1024 * 1024 * 1024,
-                                     "largest adapter weights file the server reads")
-    # Counts each adapter's LoRA slot slices; 0 leaves max_loaded_adapters the only bound.
-    adapter_memory_budget_bytes: int = setting(
-        0, "memory all loaded adapters may take; 0 = no budget")
-
-    def __post_init__(self) -> None:
-        require_positive(self, "max_loaded_adapters", "max_lora_rank", "max_adapter_bytes")
-        require_non_negative(self, "adapter_memory_budget_bytes", zero_means="no budget")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings: the KV shape, prefill chunking, CUDA graphs, the default answer length,
-    and the scheduler and adapter cache sections."""
-
-    # Each row's KV capacity, allocated at start for max_batch rows.
-    context_length: int = setting(
-        0, "prompt + answer token limit; 0 = the model's own. The KV cache holds max-batch x "
-           "this many tokens, allocated at start")
-    prefill_chunk_tokens: int = setting(
-        512, "longest prefill forward; longer prompts run in chunks")
-    cuda_graphs: bool | None = setting(
-        None, "replay decode steps as CUDA graphs (default: on for CUDA only)")
-    default_max_new_tokens: int = setting(128, "answer length when a request names none")
-    scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
-    cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.scheduler, SchedulerConfig), "scheduler", self.scheduler,
-                "a SchedulerConfig")
-        require(isinstance(self.cache, AdapterCacheConfig), "cache", self.cache,
-                "an AdapterCacheConfig")
-        require_non_negative(self, "context_length", zero_means="the model's own")
-        require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
-        require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
-                "true, false or None (on for CUDA only)")
-        if self.context_length:
-            require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
-                    self.default_max_new_tokens, f"< context_length ({self.context_length})")
-
-    @classmethod
-    def build(cls, **flat: Any) -> EngineConfig:
-        """The engine tree from flat setting names (`max_batch=4, max_lora_rank=8`)."""
-        return settings.build(cls, **flat)
-
-    def context_for(self, native: int) -> int:
-        """Each row's capacity: the setting capped by the model's own context `native` (0 when
-        the model names none), or the model's own, or FALLBACK_CONTEXT_LENGTH."""
-        if self.context_length and native:
-            return min(self.context_length, native)
-        return self.context_length or native or FALLBACK_CONTEXT_LENGTH
 
 
 @dataclass
@@ -198,7 +119,7 @@ class ServerConfig:
         require(isinstance(self.engine, EngineConfig), "engine", self.engine, "an EngineConfig")
         require(not (self.engine.cuda_graphs and self.device == "cpu"), "cuda_graphs",
                 self.engine.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")
-        require(self.default_truncation in tuple(TruncationStrategy), "default_truncation",
+        require(self.default_truncation in TRUNCATION_STRATEGIES, "default_truncation",
                 self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
         self.default_truncation = TruncationStrategy(self.default_truncation)
         self._check_sessions()
@@ -281,11 +202,6 @@ class ServerConfig:
     def key_sources(self) -> KeySources:
         return KeySources(self.api_keys, self.admin_keys, self.api_keys_file,
                           self.admin_keys_file, self.keys_file)
-
-    @property
-    def default_max_new_tokens(self) -> int:
-        """The engine's default answer length, read by the edges (server/api.py, openai)."""
-        return self.engine.default_max_new_tokens
 
     @property
     def tls_enabled(self) -> bool:

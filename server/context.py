@@ -11,10 +11,10 @@ spent, and the chosen prompt is then rendered *exactly*, correcting by a unit or
 estimate was off. For templates that close each message with a special token (ours), the estimate
 is exact and one exact render suffices.
 
-Strategies (`STRATEGIES`): none drops the system prompt (the first message, when its role is
-`system`) or the last user message, except that `sliding_window` may cut that message from its
-start. A result always fits its budget, and fitting the result again changes nothing more, because
-a conversation that already fits is returned unchanged.
+Strategies (`common.names.TruncationStrategy`): none drops the system prompt (the first message,
+when its role is `system`) or the last user message, except that `sliding_window` may cut that
+message from its start. A result always fits its budget, and fitting the result again changes
+nothing more, because a conversation that already fits is returned unchanged.
 
 Summaries (`summarize`): the oldest exchanges are replaced by one system message holding a summary
 written by the caller's `summarizer`. The summary is described by a `SummaryCache` (how many
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.conversation import Message
+from common.names import TRUNCATION_STRATEGIES
 from server.errors import ContextOverflowError, InvalidArgumentError
 
-STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
 SUMMARY_PREFIX = "Summary of the earlier conversation: "
 # A summary may take at most this share of the budget (and at most SUMMARY_MAX_TOKENS) ...
 SUMMARY_SHARE = 0.125
@@ -55,21 +55,17 @@ _SLACK = 2
 Summarizer = Callable[[list[Message]], str]
 
 
-def prompt_budget(context_length: int, max_new_tokens: int, configured_max: int = 0) -> int:
-    """Tokens left for the prompt: the window (the model's, or a smaller configured one) minus
-    the tokens reserved for the answer."""
+def prompt_budget(context_length: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt: the context window minus the tokens reserved for the answer."""
     if context_length <= 0:
         raise InvalidArgumentError(f"context_length must be positive, got {context_length}")
     if max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if configured_max < 0:
-        raise InvalidArgumentError(f"configured_max must be >= 0, got {configured_max}")
-    window = min(context_length, configured_max) if configured_max else context_length
-    budget = window - max_new_tokens
+    budget = context_length - max_new_tokens
     if budget <= 0:
         raise InvalidArgumentError(
             f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context window "
-            f"of {window} tokens; ask for fewer than {window} new tokens")
+            f"of {context_length} tokens; ask for fewer than {context_length} new tokens")
     return budget
 
 
@@ -551,14 +547,14 @@ def _fit_summarize(parts: _Parts, renderer: PromptRenderer, budget: int,
 def fit_conversation(messages: Sequence[Message], tokenizer: Any, budget_tokens: int,
                      strategy: str, summarizer: Summarizer | None = None,
                      cached_summary: SummaryCache | None = None) -> FitResult:
-    """Fit `messages` into `budget_tokens` prompt tokens with `strategy` (one of STRATEGIES).
+    """Fit `messages` into `budget_tokens` prompt tokens with `strategy`.
 
     `tokenizer` is a PromptRenderer (preferred: it caches) or a transformers tokenizer with a chat
     template. `summarizer` and `cached_summary` serve `summarize` only; store the returned
     `summary_cache` with the session and pass it back next turn.
     """
-    if strategy not in STRATEGIES:
-        raise InvalidArgumentError(f"truncation strategy must be one of {STRATEGIES}, "
+    if strategy not in TRUNCATION_STRATEGIES:
+        raise InvalidArgumentError(f"truncation strategy must be one of {TRUNCATION_STRATEGIES}, "
                                    f"got {strategy!r}")
     if budget_tokens <= 0:
         raise InvalidArgumentError(f"budget_tokens must be positive, got {budget_tokens}")

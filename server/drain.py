@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 
-from server.api import status_for
-from server.auth import service_of, with_behaviour
 from server.errors import UnavailableError
+from server.interceptor import service_of, with_behaviour
+from server.status import status_for
 
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
 

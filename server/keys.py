@@ -50,7 +50,6 @@ BEARER = "bearer "
 HOW_TO_SEND = (f"send '{AUTHORIZATION_METADATA}: Bearer <key>' (or '{API_KEY_METADATA}: <key>') "
                "in the call metadata")
 MIN_KEY_CHARS = 16
-BASE_SCOPE = BASE_NAME
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ID_SALT = b"switchboard key id\0"
 _TOML_FIELDS = frozenset({"name", "key", "sha256", "kind", "adapters", "max_in_flight",
@@ -145,7 +144,7 @@ class Caller:
         """Is the resolved adapter `name`@`version` (None = the bare base) in scope?"""
         if not self.adapters:
             return True
-        candidates = [BASE_SCOPE] if name is None else [name, f"{name}@{version}"]
+        candidates = [BASE_NAME] if name is None else [name, f"{name}@{version}"]
         return any(fnmatchcase(c, p) for c in candidates for p in self.adapters)
 
     def out_of_scope(self, ref: str) -> PermissionDeniedError:
@@ -401,6 +400,6 @@ class LiveKeys:
         return None if key is None else self.ring.identify(key)
 
 
-__all__ = ["ANONYMOUS", "BASE_SCOPE", "HOW_TO_SEND", "AuthRejected", "Caller", "KeyKind",
+__all__ = ["ANONYMOUS", "HOW_TO_SEND", "AuthRejected", "Caller", "KeyKind",
            "KeyLimits", "KeyRing", "KeySources", "KeySpec", "LiveKeys", "key_id_of",
            "presented_key"]

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the engine observer hooks, the API's per-request hooks and the HTTP exporter.
+"""Prometheus metrics: the engine observer hooks, the edges' per-call hooks and the HTTP exporter.
 
 Everything lives in one `CollectorRegistry` owned by a `Metrics` object (never the global one), so
 several servers in one test process do not share counters. Names follow Prometheus conventions:
@@ -6,7 +6,7 @@ base units (`_seconds`, `_bytes`), counters end in `_total`. The `adapter` label
 first `max_adapter_labels` adapter keys get their own value, later ones share `other`, and the bare
 base model is `__base__`. The `key` label (per API key, by the key's name, never the key) is
 bounded the same way by `max_key_labels`. Hooks are cheap and thread-safe: the engine calls them
-from its thread, the API from the event loop.
+from its thread, the edges (server/observe.py) from the event loop.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from common.names import BASE_NAME, TruncationStrategy
+from common.names import BASE_NAME, TRUNCATION_STRATEGIES
 
-BASE_LABEL = BASE_NAME
 OTHER_LABEL = "other"
 NAMESPACE = "switchboard"
 
@@ -45,7 +44,6 @@ STATUS_CODES = (
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )
-TRUNCATION_STRATEGIES = tuple(map(str, TruncationStrategy))
 # Which per-key limit refused a request (server/ratelimit.py).
 KEY_LIMITS = ("in_flight", "requests_per_minute", "tokens_per_minute")
 PROTOCOLS = ("grpc", "http")
@@ -86,8 +84,8 @@ class AdapterLabels:
         self._lock = threading.Lock()
 
     def label(self, adapter: str | None) -> str:
-        if not adapter or adapter == BASE_LABEL:
-            return BASE_LABEL
+        if not adapter or adapter == BASE_NAME:
+            return BASE_NAME
         if adapter in self._known:
             return adapter
         with self._lock:
@@ -195,6 +193,9 @@ class Metrics:
         self.request_generation_tokens = self._histogram(
             "request_generation_tokens", "Generated length of each finished request, in tokens.",
             TOKEN_COUNT_BUCKETS, ["adapter"])
+        self.rpcs = self._counter(
+            "rpcs", "Finished calls of every method (gRPC methods, HTTP routes) by status code "
+            "and protocol.", ["method", "code", "protocol"])
         self.key_requests = self._counter(
             "key_requests", "Finished chat RPCs by API key name and gRPC status code.",
             ["key", "code"])
@@ -348,6 +349,13 @@ class Metrics:
         if status == "OK":
             self.request_duration.labels(label).observe(total_s)
             self.request_generation_tokens.labels(label).observe(completion_tokens)
+
+    def observe_rpc(self, method: str, code: str) -> None:
+        """One finished call; `method` is a registered gRPC method or an HTTP route template
+        (never a client-typed path, so the label stays bounded)."""
+        protocol = protocol_var.get()
+        self.rpcs.labels(method, _status_label(code),
+                         protocol if protocol in PROTOCOLS else "grpc").inc()
 
     def observe_key_request(self, key_name: str, code: str, completion_tokens: int) -> None:
         """One finished chat of the key named `key_name` (its tokens, even when it failed)."""

@@ -23,8 +23,6 @@ from common.names import BASE_NAME
 from server.output import OutputProcessor
 from server.sampling import SamplingParams
 
-BASE_KEY = BASE_NAME  # adapter label of the bare base, for metrics and batch checks
-
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -280,7 +278,7 @@ class Request:
 
     @property
     def adapter_label(self) -> str:
-        return self.spec.adapter or BASE_KEY
+        return self.spec.adapter or BASE_NAME
 
     @property
     def prompt_len(self) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from server.config import SchedulerConfig
+from server.engine_config import SchedulerConfig
 from server.errors import QueueFullError
 from server.request import Request, RequestStatus
 

@@ -20,13 +20,13 @@ from tqdm import tqdm
 from clients.cli import add_security_options, describe_error
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardRpcError
+from common.names import BASE_NAME
 from evalsuite.ab.blindset import KEY_FILE, PAIRS_FILE, create_set, load_pairs
 from evalsuite.ab.errors import RatingSetError
 from evalsuite.ab.judge import run_judge
 from evalsuite.ab.render import agreement_line, people_tables, position_line
 from evalsuite.ab.results import ab_results
 from evalsuite.exitcodes import EXIT_PASS, EXIT_REGRESSION
-from evalsuite.replay import BASE
 from evalsuite.stats import BootstrapConfig
 
 
@@ -64,7 +64,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def judge_command(args: argparse.Namespace) -> int:
     pairs = load_pairs(args.set)
-    adapter = "" if args.adapter == BASE else args.adapter
+    adapter = "" if args.adapter == BASE_NAME else args.adapter
     bar = tqdm(total=len(pairs), desc="judge", unit="pair", disable=args.no_progress,
                file=sys.stderr)
     try:
@@ -76,9 +76,9 @@ def judge_command(args: argparse.Namespace) -> int:
                              "(verdicts so far are saved; run again to resume)") from None
     finally:
         bar.close()
-    mine = [v for v in verdicts if v.judge == (adapter or BASE)]
+    mine = [v for v in verdicts if v.judge == (adapter or BASE_NAME)]
     counts = {c: sum(v.choice == c for v in mine) for c in ("left", "right", "tie", "error")}
-    print(f"judge {adapter or BASE}: {len(mine)} pairs judged {counts}; "
+    print(f"judge {adapter or BASE_NAME}: {len(mine)} pairs judged {counts}; "
           f"see `evalsuite ab results --set {args.set}`")
     return EXIT_PASS
 

@@ -35,9 +35,9 @@ from server.adapter_cache import (
     LoadedAdapterInfo,
     read_adapter,
 )
-from server.config import EngineConfig
 from server.engine.loader import AdapterLoader, LoadDone
 from server.engine.runner import ModelRunner, RunnerConfig
+from server.engine_config import EngineConfig
 from server.errors import (
     AdapterInUseError,
     AdapterSlotsBusyError,

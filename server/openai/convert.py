@@ -14,10 +14,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common.names import BASE_NAME
+from common.names import BASE_NAME, TRUNCATION_STRATEGIES
 from server.adapters import AdapterVersion
 from server.api import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, check_session_id, messages_from_pb
-from server.config import TRUNCATION_STRATEGIES, ServerConfig
+from server.config import ServerConfig
+from server.core import (
+    AdapterListing,
+    ChatInput,
+    ChatResult,
+    ScoreOutcome,
+    check_conversation,
+)
 from server.errors import InvalidArgumentError
 from server.keys import Caller
 from server.openai.errors import UnsupportedFieldError
@@ -35,15 +42,7 @@ from server.openai.schemas import (
     Usage,
 )
 from server.sampling import SamplingParams
-from server.service import (
-    AdapterListing,
-    ChatInput,
-    ChatResult,
-    ScoreOutcome,
-    check_conversation,
-)
 
-BASE_ALIAS = BASE_NAME  # what the eval suite calls the bare base
 OWNER = "switchboard"
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 
@@ -72,7 +71,7 @@ class ModelNames:
             raise UnsupportedFieldError(
                 "model", f"model is empty: name an adapter or the base model {self.base!r} "
                          "(GET /v1/models lists them)")
-        return "" if model in (self.base, BASE_ALIAS) else model
+        return "" if model in (self.base, BASE_NAME) else model
 
     def served(self, adapter: AdapterVersion | None) -> str:
         return adapter.key if adapter is not None else self.base
@@ -126,7 +125,7 @@ def _max_new_tokens(body: ChatCompletionRequest, config: ServerConfig) -> int:
                 name, f"{name} is {value}; allowed: 1..{config.max_new_tokens_limit} (this "
                       "server's max_new_tokens_limit)")
         return value
-    return config.default_max_new_tokens
+    return config.engine.default_max_new_tokens
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

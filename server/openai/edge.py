@@ -1,8 +1,9 @@
 """The ASGI layer around the HTTP app: request ids, the protocol label, body limit and drain.
 
 Every request gets the caller's `x-request-id` (or a fresh id) bound for its whole life, as the
-gRPC edge does, and sent back in the response headers; the metrics it causes are labelled
-protocol="http". A body over max_request_bytes is answered 413 before the app reads it. While
+gRPC edge does, and sent back in the response headers; it gets a `CallRecord` the core fills,
+recorded in the metrics once it is answered (server/observe.py), labelled protocol="http". A
+body over max_request_bytes is answered 413 before the app reads it. While
 the server drains (SIGTERM), new requests are answered 503 and the ones in flight, streams
 included, are counted until their last byte is sent, so `drained()` means every caller has its
 answer. This wraps the whole FastAPI app, outside Starlette's own error middleware, so a failure
@@ -12,15 +13,19 @@ the app did not expect is logged here with its request id.
 from __future__ import annotations
 
 import logging
+import time
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.core.record import CallRecord, current_record, recording
 from server.drain import SHUTTING_DOWN, InFlight
 from server.errors import SwitchboardError, UnavailableError
 from server.logging_setup import REQUEST_ID_METADATA_KEY, new_request_id, request_context
 from server.metrics import protocol_var
+from server.observe import observe_call
 from server.openai.errors import PayloadTooLargeError, error_body, http_error_of
+from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,14 @@ def request_id_of(scope: Scope) -> str:
             if 0 < len(text) <= MAX_REQUEST_ID_CHARS and text.isprintable():
                 return text
     return new_request_id()
+
+
+def route_of(scope: Scope) -> str:
+    """The metrics `method` label: the matched route's template ("POST /v1/models/{model}"),
+    never the path a client typed, so the label stays bounded."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) or "unmatched"
+    return f"{scope.get('method', '?')} {template}"
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -63,10 +76,11 @@ class HttpEdge(InFlight):
     """ASGI middleware: wrap `app` once; `begin()` (new requests get 503) and `drained()`
     serve the shutdown."""
 
-    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_request_bytes: int, runtime: Runtime) -> None:
         super().__init__()
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,19 +88,25 @@ class HttpEdge(InFlight):
             return
         request_id = request_id_of(scope)
         token = protocol_var.set("http")
+        record, started = CallRecord(), time.monotonic()
         try:
-            with request_context(request_id):
+            with request_context(request_id), recording(record):
                 await self._serve(scope, receive, _with_request_id(send, request_id))
+        except BaseException as e:
+            record.error = e
+            raise
         finally:
+            observe_call(self.runtime.metrics, route_of(scope), record,
+                         time.monotonic() - started)
             protocol_var.reset(token)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = declared_length(scope)
         if length is not None and length > self.max_request_bytes:
-            await error_response(_too_large(self.max_request_bytes, length))(scope, receive, send)
+            await self._refuse(_too_large(self.max_request_bytes, length), scope, receive, send)
             return
         if not self.enter():
-            await error_response(UnavailableError(SHUTTING_DOWN))(scope, receive, send)
+            await self._refuse(UnavailableError(SHUTTING_DOWN), scope, receive, send)
             return
         try:
             await self.app(scope, self._limited(receive), send)
@@ -94,6 +114,12 @@ class HttpEdge(InFlight):
             log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
         finally:
             self.leave()
+
+    @staticmethod
+    async def _refuse(error: SwitchboardError, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        current_record().error = error
+        await error_response(error)(scope, receive, send)
 
     def _limited(self, receive: Receive) -> Receive:
         """`receive` that refuses a chunked body growing past the limit."""

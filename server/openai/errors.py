@@ -4,7 +4,7 @@ OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`.
 `code` is the gRPC status name of the same failure in lower case ("not_found",
 "resource_exhausted"), so a client sees one vocabulary over both transports, except where OpenAI
 clients already key on a name of their own (`context_length_exceeded`). The metrics `code` label
-keeps the gRPC names for both protocols (server.api.status_for), so dashboards need no second
+keeps the gRPC names for both protocols (server.status.code_name), so dashboards need no second
 table.
 """
 

@@ -20,7 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.api import check_text_length, redact_paths, status_for
+from server.api import check_text_length
+from server.core import (
+    AdapterAdmin,
+    ChatCall,
+    ChatResult,
+    Delta,
+    InferenceCore,
+    current_record,
+    score,
+)
 from server.errors import InvalidArgumentError, NotFoundError, SwitchboardError
 from server.keys import ANONYMOUS, AuthRejected, Caller, KeyKind, presented_key
 from server.logging_setup import current_request_id
@@ -53,16 +62,8 @@ from server.openai.schemas import (
     ScoreResponse,
 )
 from server.ratelimit import RETRY_AFTER_METADATA, retry_after_text
-from server.service import (
-    UNRESOLVED_LABEL,
-    AdapterAdmin,
-    ChatCall,
-    ChatResult,
-    Delta,
-    InferenceCore,
-    Runtime,
-    score,
-)
+from server.runtime import Runtime
+from server.status import redact_paths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,11 +71,6 @@ T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody is left to read it
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 429, 503)}
-
-
-def code_name(error: BaseException) -> str:
-    """The metrics `code` label: the gRPC status name, the same for both protocols."""
-    return status_for(error).name
 
 
 # ---------------------------------------------------------------- errors
@@ -103,6 +99,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 def add_error_handlers(app: FastAPI, adapters_root: Any) -> None:
     async def domain(request: Request, error: Exception) -> Response:
         assert isinstance(error, SwitchboardError)
+        current_record().error = error  # answered here, before the edge sees the error
         row = http_error_of(error)
         if row.status in (404, 409):
             log.info("%s %s refused: %s", request.method, request.url.path, error)
@@ -111,6 +108,7 @@ def add_error_handlers(app: FastAPI, adapters_root: Any) -> None:
 
     async def invalid(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
+        current_record().error = InvalidArgumentError(str(error))
         message, param = _validation_message(error)
         return _error_response(message, http_error_of(InvalidArgumentError()), param)
 
@@ -119,10 +117,13 @@ def add_error_handlers(app: FastAPI, adapters_root: Any) -> None:
         if isinstance(error.__cause__, SwitchboardError):  # raised while the body was read
             return await domain(request, error.__cause__)
         code = "not_found" if error.status_code == 404 else "invalid_request"
+        current_record().error = (NotFoundError if error.status_code == 404
+                                  else InvalidArgumentError)(str(error.detail))
         row = HttpError(error.status_code, "invalid_request_error", code)
         return _error_response(f"{request.method} {request.url.path}: {error.detail}", row)
 
     async def unexpected(request: Request, error: Exception) -> Response:
+        current_record().error = error
         return _error_response(f"internal error ({type(error).__name__}); see the server log "
                                f"for request {current_request_id()}", INTERNAL)
 
@@ -207,6 +208,7 @@ async def _sse_events(first: Delta | ChatResult, events: AsyncIterator[Delta | C
         if include_usage:
             yield sse(usage_chunk(reply, item))
     except SwitchboardError as e:
+        current_record().error = e  # after the first byte: answered as an event, not a status
         yield sse(error_body(str(e), http_error_of(e), param_of(e)))
         return
     yield sse("[DONE]")
@@ -214,14 +216,9 @@ async def _sse_events(first: Delta | ChatResult, events: AsyncIterator[Delta | C
 
 def _chat_call(core: InferenceCore, body: ChatCompletionRequest, names: ModelNames,
                caller: Caller) -> ChatCall:
-    try:
-        chat = chat_input_of(body, core.config, core.limits.vocab_size, names, caller)
-    except SwitchboardError as e:
-        # Counted like the gRPC edge counts a request it refuses before the core sees it.
-        core.metric("observe_request", UNRESOLVED_LABEL if body.model else None, code_name(e),
-                    None, None, 0.0, 0, 0)
-        raise
-    return ChatCall(core, chat, None, code_of=code_name)
+    current_record().begin_chat(body.model)  # counted as a chat even when refused here
+    chat = chat_input_of(body, core.config, core.limits.vocab_size, names, caller)
+    return ChatCall(core, chat, None)
 
 
 async def chat_completions(request: Request, body: ChatCompletionRequest, runtime: Runtime,
@@ -341,4 +338,4 @@ def build_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-__all__ = ["build_app", "code_name", "until_disconnected"]
+__all__ = ["build_app", "until_disconnected"]

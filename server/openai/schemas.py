@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.names import TRUNCATION_STRATEGIES
 from server.api import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
-from server.config import TRUNCATION_STRATEGIES
 
 MAX_SEED = 2**64 - 1  # the gRPC field is a uint64
 

@@ -16,7 +16,7 @@ import uvicorn
 from server.config import ServerConfig
 from server.openai.edge import HttpEdge
 from server.openai.routes import build_app
-from server.service import Runtime
+from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class HttpFront:
     """The OpenAI-compatible HTTP server over `runtime`; start, drain and stop from one loop."""
 
     def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
-        self.edge = HttpEdge(build_app(runtime), config.max_request_bytes)
+        self.edge = HttpEdge(build_app(runtime), config.max_request_bytes, runtime)
         self.config = config
         self._server = uvicorn.Server(uvicorn_config(config, self.edge))
         self._ticker: asyncio.Task[None] | None = None

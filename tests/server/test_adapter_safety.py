@@ -23,7 +23,8 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from common.modeling import base_fingerprint, load_base
 from server.adapters import AdapterRegistry, parse_ref
 from server.app import RunningServer, start_in_thread
-from server.config import AdapterCacheConfig, ServerConfig
+from server.config import ServerConfig
+from server.engine_config import AdapterCacheConfig
 from server.errors import AdapterLoadError, InvalidArgumentError
 from server.lora import LoraStack
 

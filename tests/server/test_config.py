@@ -10,12 +10,8 @@ import pytest
 
 from common import settings
 from common.names import TruncationStrategy
-from server.config import (
-    AdapterCacheConfig,
-    EngineConfig,
-    SchedulerConfig,
-    ServerConfig,
-)
+from server.config import ServerConfig
+from server.engine_config import AdapterCacheConfig, EngineConfig, SchedulerConfig
 
 API_KEY = "k-api-0123456789abcdef"
 

@@ -76,13 +76,12 @@ def fit(messages, renderer, budget, strategy, **kwargs):
 
 def test_prompt_budget_is_window_minus_answer():
     assert prompt_budget(2048, 128) == 1920
-    assert prompt_budget(2048, 128, configured_max=512) == 384
-    assert prompt_budget(512, 100, configured_max=4096) == 412
+    assert prompt_budget(512, 100) == 412
 
 
 def test_prompt_budget_refuses_no_room():
     with pytest.raises(InvalidArgumentError, match=r"max_new_tokens=512 .* 512 tokens"):
-        prompt_budget(2048, 512, configured_max=512)
+        prompt_budget(512, 512)
     with pytest.raises(InvalidArgumentError, match="context_length"):
         prompt_budget(0, 1)
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):

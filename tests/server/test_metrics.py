@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import BASE_LABEL, OTHER_LABEL, Metrics
+from common.names import BASE_NAME
+from server.metrics import OTHER_LABEL, Metrics
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -37,14 +38,14 @@ def test_hooks_feed_the_expected_series() -> None:
     _drive(metrics)
     assert _value(metrics, "switchboard_requests_total", adapter="alpha@1",
                    code="OK", protocol="grpc") == 1
-    assert _value(metrics, "switchboard_requests_total", adapter=BASE_LABEL,
+    assert _value(metrics, "switchboard_requests_total", adapter=BASE_NAME,
                    code="NOT_FOUND", protocol="grpc") == 1
     assert _value(metrics, "switchboard_generation_tokens_total", adapter="alpha@1") == 3
-    assert _value(metrics, "switchboard_generation_tokens_total", adapter=BASE_LABEL) == 1
+    assert _value(metrics, "switchboard_generation_tokens_total", adapter=BASE_NAME) == 1
     assert _value(metrics, "switchboard_prompt_tokens_total", adapter="alpha@1") == 40
     assert _value(metrics, "switchboard_time_to_first_token_seconds_count", adapter="alpha@1") == 1
     # A failed request is counted but not timed: it would drag the latency percentiles down.
-    assert _value(metrics, "switchboard_request_duration_seconds_count", adapter=BASE_LABEL) is None
+    assert _value(metrics, "switchboard_request_duration_seconds_count", adapter=BASE_NAME) is None
     assert _value(metrics, "switchboard_inter_token_latency_seconds_sum", adapter="alpha@1") == 0.02
     assert _value(metrics, "switchboard_batch_size_sum") == 2
     assert _value(metrics, "switchboard_requests_waiting") == 1
@@ -78,7 +79,7 @@ def test_adapter_labels_are_capped_with_an_other_bucket() -> None:
         metrics.observe_request(key, "OK", 0.0, 0.1, 0.2, 5, 5)
     metrics.observe_request(None, "OK", 0.0, 0.1, 0.2, 5, 5)
     labels = {s.labels["adapter"] for s in _samples(metrics, "switchboard_requests_total")}
-    assert labels == {"a@1", "b@1", OTHER_LABEL, BASE_LABEL}
+    assert labels == {"a@1", "b@1", OTHER_LABEL, BASE_NAME}
     assert _value(metrics, "switchboard_requests_total", adapter=OTHER_LABEL,
                    code="OK", protocol="grpc") == 2
     # Two resident adapters share `other`: their memory adds up under that one series.

@@ -1,0 +1,92 @@
+"""The engine's settings: the scheduler, the adapter cache and the engine itself, each a dataclass
+that checks itself. Kept apart from the engine package so that reading settings (the CLI, before
+torch is imported) loads no model code; server/config.py nests `EngineConfig` in its tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common import settings
+from common.settings import require, require_non_negative, require_positive, section, setting
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How many rows run and wait, and how much prompt one step may prefill."""
+
+    max_batch: int = setting(16, "rows decoded together in one step")
+    max_queue: int = setting(256, "waiting requests before RESOURCE_EXHAUSTED")
+    # Always at least one request per step, however long its prompt, so none starves.
+    max_prefill_tokens: int = setting(
+        4096, "prompt tokens one engine step may prefill (at least one request)")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
+
+
+# The context used when neither the setting nor the model (max_position_embeddings) names one.
+FALLBACK_CONTEXT_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class AdapterCacheConfig:
+    """Which adapters may be loaded and how many stay resident (server.adapter_cache)."""
+
+    max_loaded_adapters: int = setting(
+        8, "adapters kept in memory; least recently used unpinned ones go first")
+    max_lora_rank: int = setting(64, "largest LoRA rank an adapter may have")
+    # Checked before reading, so an oversized file costs nothing.
+    max_adapter_bytes: int = setting(1024 * 1024 * 1024,
+                                     "largest adapter weights file the server reads")
+    # Counts each adapter's LoRA slot slices; 0 leaves max_loaded_adapters the only bound.
+    adapter_memory_budget_bytes: int = setting(
+        0, "memory all loaded adapters may take; 0 = no budget")
+
+    def __post_init__(self) -> None:
+        require_positive(self, "max_loaded_adapters", "max_lora_rank", "max_adapter_bytes")
+        require_non_negative(self, "adapter_memory_budget_bytes", zero_means="no budget")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings: the KV shape, prefill chunking, CUDA graphs, the default answer length,
+    and the scheduler and adapter cache sections."""
+
+    # Each row's KV capacity, allocated at start for max_batch rows.
+    context_length: int = setting(
+        0, "prompt + answer token limit; 0 = the model's own. The KV cache holds max-batch x "
+           "this many tokens, allocated at start")
+    prefill_chunk_tokens: int = setting(
+        512, "longest prefill forward; longer prompts run in chunks")
+    cuda_graphs: bool | None = setting(
+        None, "replay decode steps as CUDA graphs (default: on for CUDA only)")
+    default_max_new_tokens: int = setting(128, "answer length when a request names none")
+    scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
+    cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.scheduler, SchedulerConfig), "scheduler", self.scheduler,
+                "a SchedulerConfig")
+        require(isinstance(self.cache, AdapterCacheConfig), "cache", self.cache,
+                "an AdapterCacheConfig")
+        require_non_negative(self, "context_length", zero_means="the model's own")
+        require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
+        require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
+                "true, false or None (on for CUDA only)")
+        if self.context_length:
+            require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
+                    self.default_max_new_tokens, f"< context_length ({self.context_length})")
+
+    @classmethod
+    def build(cls, **flat: Any) -> EngineConfig:
+        """The engine tree from flat setting names (`max_batch=4, max_lora_rank=8`)."""
+        return settings.build(cls, **flat)
+
+    def context_for(self, native: int) -> int:
+        """Each row's capacity: the setting capped by the model's own context `native` (0 when
+        the model names none), or the model's own, or FALLBACK_CONTEXT_LENGTH."""
+        if self.context_length and native:
+            return min(self.context_length, native)
+        return self.context_length or native or FALLBACK_CONTEXT_LENGTH
