@@ -25,7 +25,7 @@ Ownership: every session records the key id (server/keys.py) of the key that cre
 `owner`; "" means no one, which is what sessions made before owners existed get (schema 2
 migration) and what sessions made without authentication get: only admin keys see those. The
 store only records and filters by owner (`list`, `delete`); who may see what is decided by the
-chat pipeline and the session admin (server/service.py).
+chat pipeline and the session admin (server/core/).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ def test_the_tree_nests_server_engine_scheduler_and_cache(tmp_path: Path) -> Non
     assert config.engine.scheduler == SchedulerConfig(max_batch=4)
     assert config.engine.cache == AdapterCacheConfig(max_lora_rank=8)
     assert config.engine.context_length == 256 and config.port == 0
-    assert config.default_max_new_tokens == config.engine.default_max_new_tokens
 
 
 def test_defaults_are_written_once_and_agree(tmp_path: Path) -> None:
