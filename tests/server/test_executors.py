@@ -66,8 +66,9 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReadGate]:
 
 def test_a_chat_completes_while_slow_adapter_reads_hold_every_slow_worker(
         gate: ReadGate, tiny_base: Path, adapters_root: Path) -> None:
-    config = ServerConfig(base=str(tiny_base), adapters_root=adapters_root, port=0,
-                          device="cpu", default_max_new_tokens=4, shutdown_grace_seconds=0.5)
+    config = ServerConfig.build(base=str(tiny_base), adapters_root=adapters_root, port=0,
+                                device="cpu", default_max_new_tokens=4, sessions_db=None,
+                                shutdown_grace_seconds=0.5)
     server = start_in_thread(config)
     try:
         with grpc.insecure_channel(server.target) as channel:
