@@ -137,7 +137,8 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
     registry = AdapterRegistry(config.adapters_root, fingerprint, base_id=config.base)
     _make_sessions(config, parts)
     started = time.monotonic()
-    model, tokenizer = load_base(config.base, LoadOptions(device=config.device))
+    model, tokenizer = load_base(config.base,
+                                 LoadOptions(device=config.device, quantize=config.quantize))
     log.info("loaded base %s (%s) in %.2fs", config.base, fingerprint, time.monotonic() - started)
     context_length = _context_length(model, config)
     parts.engine = Engine(model, tokenizer, _engine_config(config, context_length),

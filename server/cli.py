@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from common import threads
-from server.config import DEVICES, TRUNCATION_STRATEGIES, ServerConfig
+from server.config import DEVICES, QUANTIZATIONS, TRUNCATION_STRATEGIES, ServerConfig
 
 DEFAULTS = ServerConfig(base="-", adapters_root=Path("."))
 API_KEYS_ENV = "SWITCHBOARD_API_KEYS"
@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port,
                         help=f"port to bind, 0 picks a free one (default {d.port})")
     parser.add_argument("--device", choices=DEVICES, default=d.device)
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=d.quantize,
+                        help="the base's weights: nf4 (4-bit, default) or none (bf16 on a GPU, "
+                             "float32 on the CPU; faster there for small bases)")
     parser.add_argument("--max-batch", type=int, default=d.max_batch,
                         help="rows decoded together in one step")
     parser.add_argument("--max-loaded-adapters", type=int, default=d.max_loaded_adapters,
@@ -121,7 +124,7 @@ def config_from_args(args: argparse.Namespace,
     admin_keys = env_keys(environ.get(ADMIN_KEYS_ENV))
     config = ServerConfig(
         base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
-        device=args.device, max_batch=args.max_batch,
+        device=args.device, quantize=args.quantize, max_batch=args.max_batch,
         max_loaded_adapters=args.max_loaded_adapters, max_queue=args.max_queue,
         max_lora_rank=args.max_lora_rank, context_length=args.context_length,
         max_prefill_tokens=args.max_prefill_tokens,

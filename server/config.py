@@ -10,6 +10,7 @@ from server.keys import KeySources
 from server.session_stores.backend import SessionsURL, parse_sessions_url
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("nf4", "none")
 MIN_KEY_CHARS = 16
 TRUNCATION_STRATEGIES = ("error", "drop_oldest", "sliding_window", "middle_out", "summarize")
 
@@ -28,6 +29,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"
+    # How the base's weights are held: 4-bit NF4 (the default, for memory), or "none" (the
+    # compute dtype: float32 on the CPU, where NF4 dequantization on every step is the slow part).
+    quantize: str = "nf4"
     max_batch: int = 16
     max_loaded_adapters: int = 8
     max_queue: int = 256
@@ -104,6 +108,8 @@ class ServerConfig:
         _require(self.host != "", "host", self.host, "a host name or address")
         _require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
         _require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        _require(self.quantize in QUANTIZATIONS, "quantize", self.quantize,
+                 f"one of {QUANTIZATIONS}")
         self._check_positive("max_batch", "max_loaded_adapters", "max_queue", "max_lora_rank",
                              "default_max_new_tokens", "max_new_tokens_limit", "max_sessions",
                              "max_prefill_tokens", "prefill_chunk_tokens")
