@@ -60,7 +60,8 @@ docs: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The real chat model (SmolLM2-135M-Instruct): 24 minutes on 2 idle cores as measured (target 15).
+# The real chat model (SmolLM2-135M-Instruct): about 12 minutes on 2 idle cores by per-phase
+# estimate (the 24 measured before the float32 server and the smaller fit; target 15).
 demo: setup
 	$(BIN)/python scripts/demo.py --work $(WORK)
 

@@ -122,7 +122,8 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
     registry = AdapterRegistry(config.adapters_root, fingerprint, base_id=config.base)
     _make_sessions(config, parts)
     started = time.monotonic()
-    model, tokenizer = load_base(config.base, LoadOptions(device=config.device))
+    model, tokenizer = load_base(config.base,
+                                 LoadOptions(device=config.device, quantize=config.quantize))
     log.info("loaded base %s (%s) in %.2fs", config.base, fingerprint, time.monotonic() - started)
     parts.engine = Engine(model, tokenizer, config.engine, observer=parts.metrics)
     parts.engine.start()

@@ -25,6 +25,7 @@ from server.keys import KeySources
 from server.session_stores.backend import SessionsURL, parse_sessions_url
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("nf4", "none")
 MIN_KEY_CHARS = 16
 SECURITY, SESSIONS, LIMITS, OBSERVABILITY = "security", "sessions", "limits", "observability"
 
@@ -39,6 +40,11 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(50051, "port to bind, 0 picks a free one")
     device: str = setting("auto", "where the base model runs", choices=DEVICES)
+    # NF4 saves memory; on the CPU its dequantization on every step is the slow part, so a small
+    # base there is faster held in the compute dtype.
+    quantize: str = setting(
+        "nf4", "the base's weights: nf4 (4-bit) or none (bf16 on a GPU, float32 on the CPU)",
+        choices=QUANTIZATIONS)
     engine: EngineConfig = section(EngineConfig, "engine")
     default_truncation: TruncationStrategy = setting(
         TruncationStrategy.DROP_OLDEST, "how a conversation over its token budget is fitted")
@@ -116,6 +122,8 @@ class ServerConfig:
         require(self.host != "", "host", self.host, "a host name or address")
         require(0 <= self.port <= 65535, "port", self.port, "in 0..65535 (0 picks a free one)")
         require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        require(self.quantize in QUANTIZATIONS, "quantize", self.quantize,
+                f"one of {QUANTIZATIONS}")
         require(isinstance(self.engine, EngineConfig), "engine", self.engine, "an EngineConfig")
         require(not (self.engine.cuda_graphs and self.device == "cpu"), "cuda_graphs",
                 self.engine.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")

@@ -91,13 +91,16 @@ def test_recommended_fit_settings_ship_with_the_base(smol_base: Path) -> None:
     assert read_recommended(smol_base) == smollm2.RECOMMENDED_FIT
 
 
+# nf4: the server's default; none: float32 on the CPU, as `make demo` serves it.
+@pytest.mark.parametrize("quantize", ["nf4", "none"])
 def test_the_server_serves_it_and_answers_like_an_assistant(
-        smol_base: Path, tmp_path: Path) -> None:
+        smol_base: Path, tmp_path: Path, quantize: str) -> None:
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     # The model's own 8192-token window would make the preallocated KV cache gigabytes.
     server = ServerProcess(smol_base, adapters, tmp_path / "sessions.db", tmp_path / "server.log",
-                           extra=("--context-length", "1024", "--max-batch", "4")).wait_serving()
+                           extra=("--context-length", "1024", "--max-batch", "4",
+                                  "--quantize", quantize)).wait_serving()
     try:
         result = server.client.chat(CHAT, max_new_tokens=24, temperature=0.0)
     finally:
