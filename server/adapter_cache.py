@@ -248,12 +248,8 @@ class AdapterCache:
         self._free_slots = list(range(capacity, 0, -1))
         self._reserved: dict[int, int] = {}  # slot -> bytes of a load not yet added
 
-    def memory_used(self) -> int:
-        """Bytes of the loaded adapters plus those reserved for loads in progress."""
-        with self._lock:
-            return self._used()
-
     def _used(self) -> int:
+        """Bytes of the loaded adapters plus those reserved for loads in progress (lock held)."""
         return sum(e.memory_bytes for e in self._entries.values()) + sum(self._reserved.values())
 
     def get(self, key: str) -> LoadedAdapter | None:

@@ -127,15 +127,11 @@ class SessionStore(Protocol):
     times are Unix seconds. Expired sessions behave as absent.
 
     Owners (schema 2): `Session.owner` / `SessionInfo.owner` carry the creator's key id ("" =
-    no one). `ensure` and `append_turn` set it when they create the session and never change
-    it; `list` and `delete` take `owner` (ANY_OWNER = None: every owner) and act only on that
-    owner's sessions, so a listing's limit counts that owner's sessions only."""
+    no one). `append_turn` sets it when it creates the session and never changes it; `list`
+    and `delete` take `owner` (ANY_OWNER = None: every owner) and act only on that owner's
+    sessions, so a listing's limit counts that owner's sessions only."""
 
     def get(self, session_id: str) -> Session | None: ...
-
-    def ensure(self, session_id: str, owner: str = "") -> SessionInfo:
-        """The session, created empty (owned by `owner`) if it does not exist."""
-        ...
 
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
                     summary_cache: dict[str, Any] | None = None,
@@ -144,8 +140,6 @@ class SessionStore(Protocol):
         nothing), creating the session (owned by `owner`) if needed; may evict the least
         recently updated sessions past the store's cap."""
         ...
-
-    def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool: ...
 
     def list(self, limit: int = 100, owner: str | None = ANY_OWNER) -> list[SessionInfo]:
         """The most recently updated sessions (of `owner`) first."""
@@ -308,14 +302,6 @@ class SQLiteSessionStore:
         created, updated, turns, summary, owner = row
         return Session(session_id, messages, json.loads(summary), created, updated, turns, owner)
 
-    def ensure(self, session_id: str, owner: str = "") -> SessionInfo:
-        validate_session_id(session_id)
-        with self._writing(f"session {session_id!r} was not created") as db:
-            self._create_or_revive(db, session_id, self._clock(), owner)
-            info = self._info(db, session_id)
-        assert info is not None
-        return info
-
     def _create_or_revive(self, db: sqlite3.Connection, session_id: str, now: float,
                           owner: str) -> bool:
         """Create the session (owned by `owner`) if absent; an expired one is replaced by an
@@ -362,13 +348,6 @@ class SQLiteSessionStore:
             info = self._info(db, session_id)
         assert info is not None
         return info
-
-    def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool:
-        """Store the summarize strategy's cache; does not count as activity (no `updated` bump)."""
-        with self._writing(f"the summary of session {session_id!r} was not stored") as db:
-            return db.execute("UPDATE sessions SET summary = ? WHERE id = ? AND updated >= ?",
-                              (json.dumps(summary_cache), session_id,
-                               self._cutoff(self._clock()))).rowcount == 1
 
     def list(self, limit: int = 100, owner: str | None = ANY_OWNER) -> list[SessionInfo]:
         if limit <= 0:
@@ -420,10 +399,6 @@ class SessionLocks:
     def __len__(self) -> int:
         """Sessions with a holder or a waiter (entries are removed when the last one leaves)."""
         return len(self._locks)
-
-    def busy(self, session_id: str) -> bool:
-        lock = self._locks.get(session_id)
-        return lock is not None and lock.locked()
 
     @contextlib.asynccontextmanager
     async def acquire(self, session_id: str, wait_s: float = 0.0) -> AsyncIterator[None]:

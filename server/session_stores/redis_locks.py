@@ -87,10 +87,6 @@ class RedisSessionLocks:
         """Sessions this replica holds a lease on."""
         return len(self._held)
 
-    def busy(self, session_id: str) -> bool:
-        """Whether a lease on the session exists anywhere in the fleet."""
-        return bool(self._call(self._client.exists, lease_key(self._prefix, session_id)))
-
     @contextlib.asynccontextmanager
     async def acquire(self, session_id: str, wait_s: float = 0.0) -> AsyncIterator[None]:
         lease = Lease(lease_key(self._prefix, session_id), secrets.token_hex(16))

@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 LEASE_LOST = "LEASE_LOST"
 
-# Shared by the write scripts: make the session exist (an expired one is replaced by an empty
-# one) and, when it was created, remove the least recently updated others past the cap.
+# The append script's first step: make the session exist (an expired one is replaced by an
+# empty one) and, when it was created, remove the least recently updated others past the cap.
 # KEYS: idx, meta, msgs. ARGV: id, now, cutoff, cap, prefix, owner.
 _REVIVE = """
 local function revive(idx, meta, msgs, id, now, cutoff, cap, prefix, owner)
@@ -89,11 +89,6 @@ local function info(meta, msgs)
   return {row[1], row[2], row[3], redis.call('LLEN', msgs), row[4] or ''}
 end
 """
-_ENSURE = _REVIVE + """
-revive(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
-       ARGV[6])
-return info(KEYS[2], KEYS[3])
-"""
 # KEYS: idx, meta, msgs, lease ('' = none). ARGV: id, now, cutoff, cap, prefix, owner, lease
 # token, summary ('' = keep), then one JSON message per argument.
 _APPEND = _REVIVE + """
@@ -109,13 +104,6 @@ if updated == tonumber(ARGV[2]) then redis.call('HSET', KEYS[2], 'updated', ARGV
 redis.call('ZADD', KEYS[1], updated, ARGV[1])
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'summary', ARGV[8]) end
 return info(KEYS[2], KEYS[3])
-"""
-# KEYS: meta. ARGV: cutoff, summary.
-_SET_SUMMARY = """
-local updated = redis.call('HGET', KEYS[1], 'updated')
-if not updated or tonumber(updated) < (tonumber(ARGV[1]) or -math.huge) then return 0 end
-redis.call('HSET', KEYS[1], 'summary', ARGV[2])
-return 1
 """
 # KEYS: idx. ARGV: prefix, id, owner ('' with ARGV[4] = '1': anyone's).
 _DELETE = """
@@ -165,9 +153,7 @@ class RedisSessionStore:
         self.name = name  # the URL without its password, for messages
         self._client = client
         self._clock = clock
-        self._ensure_script = client.register_script(_ENSURE)
         self._append_script = client.register_script(_APPEND)
-        self._summary_script = client.register_script(_SET_SUMMARY)
         self._delete_script = client.register_script(_DELETE)
         self._purge_script = client.register_script(_PURGE)
         self._list_script = client.register_script(_LIST)
@@ -237,14 +223,6 @@ class RedisSessionStore:
         return Session(session_id, messages, json.loads(meta["summary"]), float(meta["created"]),
                        float(meta["updated"]), int(meta["turns"]), meta.get("owner", ""))
 
-    def ensure(self, session_id: str, owner: str = "") -> SessionInfo:
-        validate_session_id(session_id)
-        row = self._run("written", f"session {session_id!r} was not created",
-                        lambda: self._ensure_script(
-                            keys=self._keys(session_id),
-                            args=self._revive_args(session_id, self._clock(), owner)))
-        return _as_info(session_id, row)
-
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
                     summary_cache: dict[str, Any] | None = None,
                     owner: str = "") -> SessionInfo:
@@ -270,14 +248,6 @@ class RedisSessionStore:
                     "one's lease lapsed; the answer was not stored, send the turn again") from e
 
         return _as_info(session_id, self._run("written", not_done, write))
-
-    def set_summary(self, session_id: str, summary_cache: dict[str, Any]) -> bool:
-        """Store the summarize strategy's cache; does not count as activity (no `updated` bump)."""
-        return bool(self._run(
-            "written", f"the summary of session {session_id!r} was not stored",
-            lambda: self._summary_script(
-                keys=[self._key("s", session_id)],
-                args=[repr(self._cutoff(self._clock())), json.dumps(summary_cache)])))
 
     def list(self, limit: int = 100, owner: str | None = ANY_OWNER) -> list[SessionInfo]:
         if limit <= 0:

@@ -687,17 +687,18 @@ def test_vanishing_temperature_or_penalty_is_refused_or_served(channel: grpc.Cha
 def test_one_bad_row_never_fails_the_requests_batched_with_it(channel: grpc.Channel) -> None:
     """A step's exception fails every row in it: a request that sampling cannot serve must not
     take a neighbour's stream down with it."""
-    stop = threading.Event()
+    stop, answered = threading.Event(), threading.Event()
     bad: list[Outcome] = []
 
     def keep_sending_bad_rows() -> None:
         while not stop.is_set():
             bad.append(invoke(channel, RPCS["Chat"], chat_bytes(temperature=F32_TINY)))
+            answered.set()
 
     sender = threading.Thread(target=keep_sending_bad_rows)
     sender.start()
     try:
-        time.sleep(0.05)
+        assert answered.wait(timeout=60), "the first bad row was never answered"
         neighbour = invoke(channel, RPCS["ChatStream"],
                            chat_bytes(max_new_tokens=ANSWER_LIMIT, ignore_eos=True))
     finally:

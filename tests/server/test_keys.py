@@ -248,9 +248,10 @@ def test_sighup_rotates_keys_under_traffic_without_failing_a_valid_key(
         server.process.send_signal(signal.SIGHUP)
         wait_for_log(server, "key reload failed", 1)
         assert stream(server.channel, PLAIN_KEY)[-1].HasField("final")
-        done_before = traffic.done
+        done_before, deadline = traffic.done, time.monotonic() + 60
         while traffic.done < done_before + 2:  # acme is still served after the failed reload
             assert not traffic.failures and traffic.is_alive()
+            assert time.monotonic() < deadline, f"acme served {traffic.done - done_before} in 60s"
             time.sleep(0.05)
     finally:
         if traffic is not None:
