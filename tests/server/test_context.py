@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.conversation import Message
+from common.names import TRUNCATION_STRATEGIES
 from server.context import (
-    STRATEGIES,
     SUMMARY_PREFIX,
     PromptRenderer,
     SummaryCache,
@@ -21,7 +21,7 @@ from server.context import (
 )
 from server.errors import ContextOverflowError, InvalidArgumentError
 
-FITTING = tuple(s for s in STRATEGIES if s != "error")
+FITTING = tuple(s for s in TRUNCATION_STRATEGIES if s != "error")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_arguments_are_checked(renderer):
 # --- exact counting ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", TRUNCATION_STRATEGIES)
 def test_prompt_ids_are_exactly_the_chat_template(tokenizer, strategy):
     messages = chat(3)
     result = fit(messages, tokenizer, 10_000, strategy)
@@ -245,7 +245,7 @@ def test_one_huge_message_overflows_with_numbers(renderer, strategy):
         fit(messages, renderer, 100, strategy)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", TRUNCATION_STRATEGIES)
 def test_budget_smaller_than_the_system_prompt(renderer, strategy):
     messages = [sys_("you are a very detailed assistant " * 20), user("hi")]
     with pytest.raises(ContextOverflowError, match="budget is 30 tokens"):
@@ -335,7 +335,7 @@ def check_promises(messages, result, strategy) -> None:
 @given(messages=conversations(), budget=st.integers(1, 400))
 def test_every_strategy_fits_keeps_its_promises_and_is_idempotent(renderer, tokenizer, messages,
                                                                   budget):
-    for strategy in STRATEGIES:
+    for strategy in TRUNCATION_STRATEGIES:
         try:
             result = fit(messages, renderer, budget, strategy)
         except ContextOverflowError:
