@@ -13,7 +13,8 @@ COMMANDS = {
     "init-base": ("trainer.base", "Build the embedded tiny chat base model."),
     "make-data": ("trainer.datagen", "Write the bundled multi-domain conversation data."),
     "fit": ("trainer.fit", "Train a versioned QLoRA adapter."),
-    "sweep": ("trainer.sweep", "Search fit settings with Optuna; publish the best as a version."),
+    "sweep": ("trainer.sweep",
+              "Search fit settings with Optuna; refit the best and publish it as a version."),
     "check-data": ("trainer.check_data", "Find what in a conversation file breaks training."),
     "merge": ("trainer.merge", "Merge an adapter into a full-precision copy of its base."),
 }

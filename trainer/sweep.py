@@ -1,4 +1,5 @@
-"""`trainer sweep`: search fit settings with Optuna and publish the best trial as a version.
+"""`trainer sweep`: search fit settings with Optuna in short trials, then train the best
+settings for the full length and publish that as a version.
 
 The space file (YAML) names fit settings, one key each:
     learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}   # a float range
@@ -11,9 +12,14 @@ for `trainer fit`. Each trial is a fit in its own run folder; Optuna's TPE sampl
 settings and its median pruner, fed the validation loss at every evaluation by a trainer
 callback, stops trials worse than the median of earlier ones at the same step. The study lives
 in SQLite beside the runs (<root>/<name>/.runs/sweep-<study>.db): the same command continues it
-until --trials trials have finished. The best trial (lowest final validation loss) is published
-as a normal version whose manifest holds the sweep table, with sweep.png (every trial and the
-best validation curve) embedded in its report.
+until --trials trials have finished, and a rerun once they have goes straight to the refit.
+The best trial's settings (lowest final validation loss) are then refit for the full length:
+--refit-steps, else the length a plain `trainer fit` would train for (the sweep's settings
+without its --max-steps and --epochs flags: --config, the base's recommended settings, the fit
+defaults; the best trial's own length when the space searches it). The refit is published as a
+normal version whose manifest holds the sweep table and which trial it refit, with sweep.png
+(every trial and the best validation curve) embedded in its report. --refit-steps 0, or a refit
+that would only repeat the best trial, publishes the best trial's own adapter.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 SEARCHABLE = tuple(k for k in RECOMMENDABLE if k not in ("seed", "eval_steps", "save_steps",
                                                         "logging_steps", "save_total_limit"))
+FIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
 RESULT_FILE = "trial_result.json"
 ADAPTER_DIR = "adapter"
 PLOT_FILE = "sweep.png"
@@ -220,25 +227,144 @@ def plot_study(study: Any, path: Path) -> Path:
     return path
 
 
+def sweep_record(study: Any, study_name: str, config: FitConfig,
+                 refit: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's `sweep` section: the study, its table, and the refit (None: the best
+    trial's own adapter was published)."""
+    best = study.best_trial
+    storage = Path(config.adapters_root) / config.name / mf.RUNS_DIR / f"sweep-{study_name}.db"
+    return {"study": study_name, "storage": str(storage), "best_trial": best.number,
+            "best_params": best.params, "refit": refit, "plot": PLOT_FILE,
+            "trials": trial_table(study)}
+
+
 def publish_best(study: Any, study_name: str) -> Path:
     """Publish the best trial's adapter as a version whose manifest holds the sweep."""
-    best = study.best_trial
-    run_dir = Path(best.user_attrs["run_dir"])
+    run_dir = Path(study.best_trial.user_attrs["run_dir"])
     result = fit_module.TrainResult.from_dict(json.loads((run_dir / RESULT_FILE).read_text()))
-    storage = str(Path(result.config.adapters_root) / result.config.name / mf.RUNS_DIR
-                  / f"sweep-{study_name}.db")
 
     def save(folder: Path) -> None:
         for item in (run_dir / ADAPTER_DIR).iterdir():
             shutil.copy2(item, folder / item.name)
         plot_study(study, folder / PLOT_FILE)
 
-    sweep = {"study": study_name, "storage": storage, "best_trial": best.number,
-             "best_params": best.params, "plot": PLOT_FILE, "trials": trial_table(study)}
+    sweep = sweep_record(study, study_name, result.config, refit=None)
     return fit_module.publish(result, save, extra={"sweep": sweep})
 
 
+def publish_refit(study: Any, study_name: str, settings: FitConfig) -> Path:
+    """Train the best trial's settings at the refit length in a run folder of its own and
+    publish that adapter as a version whose manifest holds the sweep."""
+    result, trainer, _ = fit_module.train(settings)
+
+    def save(folder: Path) -> None:
+        trainer.model.save_pretrained(str(folder))
+        plot_study(study, folder / PLOT_FILE)
+
+    refit = {"trial": study.best_trial.number, "max_steps": settings.max_steps,
+             "epochs": settings.epochs, "run_dir": str(result.run_dir)}
+    sweep = sweep_record(study, study_name, result.config, refit)
+    return fit_module.publish(result, save, extra={"sweep": sweep})
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The manifest's trial table as aligned text: one column per field, '-' where empty."""
+    columns = list(dict.fromkeys(["trial", "state", "value", "last_step",
+                                  *(key for row in rows for key in row)]))
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    headers = ["val_loss" if c == "value" else c for c in columns]
+    cells = [headers, *([cell(row.get(c)) for c in columns] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
+                     .rstrip() for line in cells)
+
+
 # --------------------------------------------------------------------------------------- cli
+
+
+@dataclass(frozen=True)
+class Length:
+    """How long a fit trains, as FitConfig reads it: max_steps > 0 wins, -1 trains epochs."""
+
+    max_steps: int
+    epochs: float
+
+    def __post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be > 0 or -1 (use epochs), got {self.max_steps!r}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+
+    @classmethod
+    def of(cls, config: FitConfig) -> Length:
+        return cls(config.max_steps, config.epochs)
+
+    def apply(self, config: FitConfig) -> FitConfig:
+        # Epochs count only without max_steps; otherwise the config's own stay on record.
+        epochs = self.epochs if self.max_steps == -1 else config.epochs
+        return dataclasses.replace(config, max_steps=self.max_steps, epochs=epochs)
+
+    def __str__(self) -> str:
+        if self.max_steps > 0:
+            return f"{self.max_steps} step{'s' if self.max_steps > 1 else ''}"
+        return f"{self.epochs:g} epochs"
+
+
+def plain_fit_length(args: argparse.Namespace) -> Length:
+    """What `trainer fit` with the sweep's settings but not its --max-steps and --epochs flags
+    (which size the trials) trains for: --config, else the base's recommended settings, else
+    the fit defaults."""
+    from trainer.recommended import read_recommended
+
+    from_yaml = read_yaml(args.config) if args.config else {}
+    use = from_yaml.get("recommended", True) if args.recommended is None else args.recommended
+    base = args.base or from_yaml.get("base")
+    merged = {k: v for layer in (FIT_DEFAULTS, read_recommended(base) if use and base else {},
+                                 from_yaml) for k, v in layer.items() if v is not None}
+    return Length(int(merged["max_steps"]), float(merged["epochs"]))
+
+
+def refit_length(args: argparse.Namespace, dims: list[Dimension]) -> Length | None:
+    """The refit's length; None publishes the best trial's own adapter."""
+    if args.refit_steps is not None:
+        if args.refit_steps < 0:
+            raise ValueError(f"--refit-steps must be >= 0, got {args.refit_steps}")
+        return Length(args.refit_steps, FIT_DEFAULTS["epochs"]) if args.refit_steps else None
+    if any(dim.name in ("max_steps", "epochs") for dim in dims):
+        return None  # the space searches the length: the best trial's is the one chosen
+    return plain_fit_length(args)
+
+
+def best_settings(config: FitConfig, dims: list[Dimension], best: Any) -> FitConfig:
+    """The best trial's fit settings; fixed settings of the space are not in trial.params."""
+    fixed = {dim.name: dim.fixed for dim in dims if dim.choices is None and dim.low is None}
+    return trial_config(config, {**fixed, **best.params})
+
+
+def publish_result(study: Any, study_name: str, config: FitConfig, dims: list[Dimension],
+            refit: Length | None) -> Path:
+    """Refit the best settings at `refit` and publish that, or publish the best trial's own
+    adapter when there is no refit or it would only repeat the trial."""
+    best = study.best_trial
+    print(f"best trial {best.number}: validation loss {best.value:.4f} "
+          f"({fit_module._settings_line(best.params)})", flush=True)
+    trained = best_settings(config, dims, best)
+    settings = refit.apply(trained) if refit is not None else trained
+    if settings == trained:
+        print(f"publishing trial {best.number}'s adapter (trained for {Length.of(trained)})",
+              flush=True)
+        return publish_best(study, study_name)
+    print(f"refitting trial {best.number}'s settings for {refit}", flush=True)
+    version_dir = publish_refit(study, study_name, settings)
+    loss = mf.read_manifest(version_dir)["metrics"].get("final_val_loss")
+    if loss is not None:
+        print(f"refit of trial {best.number}: validation loss {loss:.4f}", flush=True)
+    return version_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,9 +373,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rate 1e-4..1e-2 log, rank 8-64, alpha 16-64, dropout 0-0.1)")
     parser.add_argument("--trials", type=int, default=8, help="trials to finish in all (8)")
     parser.add_argument("--study", help="study name (default: --name); a rerun continues it")
+    parser.add_argument("--refit-steps", type=int, metavar="N",
+                        help="train the best settings for N steps and publish that (default: "
+                        "as long as `trainer fit` without --max-steps/--epochs would); 0 "
+                        "publishes the best trial's own adapter")
 
 
-def sweep(config: FitConfig, dims: list[Dimension], trials: int, study_name: str) -> Path:
+def sweep(config: FitConfig, dims: list[Dimension], trials: int, study_name: str,
+          refit: Length | None) -> Path:
     import optuna
 
     if not config.has_validation:
@@ -264,17 +395,18 @@ def sweep(config: FitConfig, dims: list[Dimension], trials: int, study_name: str
         print(f"study {study_name}: {trials} trials already finished", flush=True)
     if not any(t.value is not None for t in finished_trials(study)):
         raise ValueError(f"study {study_name}: every trial was pruned; widen the space")
-    version_dir = publish_best(study, study_name)
-    best = study.best_trial
-    print(f"best trial {best.number}: validation loss {best.value:.4f} "
-          f"({fit_module._settings_line(best.params)})", flush=True)
+    version_dir = publish_result(study, study_name, config, dims, refit)
+    # Indented under a title, so that no table line reads like a trial's progress line.
+    table = format_table(trial_table(study)).splitlines()
+    print("\n".join([f"trials of study {study_name}:", *(f"  {line}" for line in table)]),
+          flush=True)
     print(f"report: {version_dir / 'report.html'}", flush=True)
     return version_dir
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit codes as `trainer fit`: 0 published, 2 bad settings, space or data, 3 a trial's
-    training failed."""
+    or the refit's training failed."""
     from common.data import DataError
     from trainer.recovery import UnstableTraining
 
@@ -285,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--trials must be >= 1, got {args.trials}")
         dims = parse_space(read_yaml(args.space) if args.space else DEFAULT_SPACE)
         config, _ = fit_module.resolve_config(args)
-        version_dir = sweep(config, dims, args.trials, args.study or config.name)
+        refit = refit_length(args, dims)
+        version_dir = sweep(config, dims, args.trials, args.study or config.name, refit)
     except (DataError, ValueError, OSError) as exc:
         print(f"trainer sweep: error: {exc}", file=sys.stderr, flush=True)
         return 2
