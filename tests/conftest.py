@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
+
+def _share_the_cores() -> None:
+    """Idle OpenMP workers sleep and each torch pool gets this process's share of the cores: set
+    in the environment before anything loads torch, so the subprocesses tests start inherit it."""
+    # The suite runs several torch processes at once (in-process servers beside served
+    # subprocesses, one pytest worker per core under xdist); spinning OpenMP workers made each
+    # of them crawl on 2 shared cores (see common/threads.py). A caller's own setting wins.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
+_share_the_cores()
 
 
 @pytest.fixture(scope="session")

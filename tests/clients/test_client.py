@@ -210,13 +210,8 @@ def target(tiny_base: Path, adapters_root: Path, tmp_path_factory: pytest.TempPa
     root = shutil.copytree(adapters_root, work / "adapters")  # aliases written here stay here
     config = ServerConfig.build(base=str(tiny_base), adapters_root=root, port=0,
                                 sessions_db=work / "sessions.db", default_max_new_tokens=16)
-    running = start_in_thread(config)
-    address = f"127.0.0.1:{running.port}"
-    with SwitchboardClient(address, timeout=10) as client:
-        deadline = time.monotonic() + 120
-        while client.health() != "SERVING" and time.monotonic() < deadline:
-            time.sleep(0.1)
-    yield address
+    running = start_in_thread(config)  # returns once health is SERVING
+    yield f"127.0.0.1:{running.port}"
     running.stop()
 
 

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,19 +123,21 @@ def test_one_shot_chat_json(target: str, capsys: pytest.CaptureFixture[str]) -> 
     assert set(result["truncation"]) >= {"strategy", "messages_dropped", "tokens_dropped"}
 
 
-def test_one_shot_chat_process_starts_fast(target: str) -> None:
-    """The whole `switchboard chat` process, minus the model's own time, stays well under 1 s."""
-    exe = Path(sys.executable).with_name("switchboard")
-    start = time.monotonic()
+def test_one_shot_chat_process_loads_no_model_code(target: str) -> None:
+    """A one-shot `switchboard chat` starts fast because it never imports torch, transformers
+    or the server (checked on the real process's import log, not by timing it)."""
     proc = subprocess.run(
-        [str(exe), "chat", "--target", target, "--max-new-tokens", "1", "--json", "Hi"],
+        [sys.executable, "-X", "importtime", "-m", "clients.cli", "chat", "--target", target,
+         "--max-new-tokens", "1", "--json", "Hi"],
         capture_output=True, text=True, timeout=60, check=True,
     )
-    wall = time.monotonic() - start
-    overhead = wall - json.loads(proc.stdout)["total_s"]
-    print(f"switchboard chat: wall {wall:.3f} s, overhead beyond the model {overhead:.3f} s")
-    # Generous for a shared CI CPU; importing torch alone would take longer than this.
-    assert overhead < 2.0
+    assert json.loads(proc.stdout)["request_id"]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "clients.client" in imported  # the log is real: the client was imported
+    heavy = sorted(m for m in imported
+                   if m.split(".")[0] in ("torch", "transformers", "server", "trainer"))
+    assert heavy == []
 
 
 def test_repl_keeps_history_locally_and_resets(
