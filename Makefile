@@ -49,9 +49,11 @@ $(BIN)/.installed: $(BIN)/python pyproject.toml
 proto: setup
 	$(BIN)/python -m common.protogen
 
+# Two workers: most tests wait on a real server, so two share the cores well; loadscope keeps
+# each module (and its server) on one worker.
 test: setup docs
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 # The reference in docs/: any broken link, anchor or page missing from the nav fails the build.
 docs: setup
