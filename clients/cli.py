@@ -136,6 +136,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": tuple(args.stop),
         "truncation": args.truncation,
@@ -455,6 +456,8 @@ def _add_chat(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1 discourages tokens already in the conversation (default 1: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--session", default="", metavar="ID",

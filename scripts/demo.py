@@ -189,6 +189,11 @@ CHAT_TURNS = ("Hi, this is Maria, order GF-48213. Can I add two large pizzas for
               "Sorry, what was my order number again?")
 
 
+# Greedy decoding of a small model can loop on one phrase (the float32 SmolLM2 base answers
+# "No, no, no, ..."); a mild penalty, the same for every chat, is the usual remedy.
+CHAT_REPETITION_PENALTY = 1.1
+
+
 def chat(target: str, max_new_tokens: int) -> None:
     run(BIN / "switchboard", "adapters", "list", "--target", target)
     for adapter in [*DOMAINS, ""]:
@@ -197,7 +202,8 @@ def chat(target: str, max_new_tokens: int) -> None:
         for turn in CHAT_TURNS:
             print(f"user> {turn}")
             run(BIN / "switchboard", "chat", "--target", target, "--adapter", adapter,
-                "--session", session, "--max-new-tokens", str(max_new_tokens), turn)
+                "--session", session, "--max-new-tokens", str(max_new_tokens),
+                "--repetition-penalty", str(CHAT_REPETITION_PENALTY), turn)
 
 
 def seed_cache(source: Path, target: Path) -> None:

@@ -123,6 +123,17 @@ def test_one_shot_chat_json(target: str, capsys: pytest.CaptureFixture[str]) -> 
     assert set(result["truncation"]) >= {"strategy", "messages_dropped", "tokens_dropped"}
 
 
+def test_repetition_penalty_reaches_the_server(target: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "chat", "--target", target, "--max-new-tokens", "2",
+                           "--repetition-penalty", "1.2", "hi")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "chat", "--target", target, "--repetition-penalty", "-0.5",
+                             "hi")
+    assert code == 1 and out == ""
+    assert err.startswith("error: INVALID_ARGUMENT") and "repetition_penalty" in err
+
+
 def test_one_shot_chat_process_loads_no_model_code(target: str) -> None:
     """A one-shot `switchboard chat` starts fast because it never imports torch, transformers
     or the server (checked on the real process's import log, not by timing it)."""
