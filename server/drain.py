@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from server.errors import UnavailableError
-from server.interceptor import service_of, with_behaviour
+from server.interceptor import ServiceInterceptor, with_behaviour
 from server.status import status_for
 
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
@@ -60,13 +60,13 @@ class InFlight:
             self._idle.set()
 
 
-class DrainGate(InFlight, grpc.aio.ServerInterceptor):
+class DrainGate(InFlight, ServiceInterceptor):
     """Interceptor for every service but `exempt` (health): admits or refuses (UNAVAILABLE),
     and counts."""
 
     def __init__(self, exempt: frozenset[str]) -> None:
-        super().__init__()
-        self.exempt = exempt
+        InFlight.__init__(self)
+        ServiceInterceptor.__init__(self, exempt)
 
     def _admit(self, context: grpc.aio.ServicerContext) -> bool:
         # Checked when the handler starts; the call counts until grpc has sent its status.
@@ -75,13 +75,7 @@ class DrainGate(InFlight, grpc.aio.ServerInterceptor):
         context.add_done_callback(lambda _context: self.leave())
         return True
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler | None]],
-            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or service_of(details.method) in self.exempt:
-            return handler
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         shape = (bool(handler.request_streaming), bool(handler.response_streaming))
         behaviour = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
                      (True, False): handler.stream_unary, (True, True): handler.stream_stream}

@@ -15,6 +15,7 @@ INVALID_ARGUMENT instead of grpc's own UNKNOWN.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
@@ -63,6 +64,26 @@ def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> grpc
     factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return factory(behaviour, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps the handlers of every service but `exempt` ones (health)."""
+
+    def __init__(self, exempt: frozenset[str]) -> None:
+        self.exempt = exempt
+
+    @abc.abstractmethod
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler to run for `method` instead of `handler`."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or service_of(details.method) in self.exempt:
+            return handler
+        return self.wrap(handler, details.method)
 
 
 
@@ -129,14 +150,14 @@ class _Call:
         await self.context.abort(code, redact_paths(str(error), self.adapters_root), trailers)
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
+class CallInterceptor(ServiceInterceptor):
     """Wraps every handler of our services (not `exempt` ones) as the module docstring says."""
 
     def __init__(self, metrics: Callable[[], Any], adapters_root: Path,
                  exempt: frozenset[str]) -> None:
+        super().__init__(exempt)
         self.metrics = metrics  # read per call: the metrics exist once the server has started
         self.adapters_root = adapters_root
-        self.exempt = exempt
 
     @contextmanager
     def _scope(self, call: _Call) -> Iterator[None]:
@@ -191,17 +212,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler | None]],
-            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or service_of(details.method) in self.exempt:
-            return handler
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return with_behaviour(handler, self._stream(details.method, handler.unary_stream))
+            return with_behaviour(handler, self._stream(method, handler.unary_stream))
         if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
-            return with_behaviour(handler, self._unary(details.method, handler.unary_unary))
+            return with_behaviour(handler, self._unary(method, handler.unary_unary))
         return handler
 
 
