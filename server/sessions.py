@@ -101,6 +101,13 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+def validate_turn(session_id: str, new_messages: Sequence[Message]) -> None:
+    """What every store checks before it appends a turn: the id, and a turn that says something."""
+    validate_session_id(session_id)
+    if not new_messages:
+        raise InvalidArgumentError("a turn needs at least one message")
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     id: str
@@ -325,9 +332,7 @@ class SQLiteSessionStore:
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
                     summary_cache: dict[str, Any] | None = None,
                     owner: str = "") -> SessionInfo:
-        validate_session_id(session_id)
-        if not new_messages:
-            raise InvalidArgumentError("a turn needs at least one message")
+        validate_turn(session_id, new_messages)
         not_done = (f"the answer was not stored: session {session_id!r} keeps its earlier turns "
                     "without this one; send the turn again later")
         with self._writing(not_done) as db:

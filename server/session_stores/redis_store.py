@@ -48,7 +48,7 @@ from server.sessions import (
     Session,
     SessionInfo,
     SessionSettings,
-    validate_session_id,
+    validate_turn,
 )
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,7 @@ class RedisSessionStore:
     def append_turn(self, session_id: str, new_messages: Sequence[Message],
                     summary_cache: dict[str, Any] | None = None,
                     owner: str = "") -> SessionInfo:
-        validate_session_id(session_id)
-        if not new_messages:
-            raise InvalidArgumentError("a turn needs at least one message")
+        validate_turn(session_id, new_messages)
         lease = current_lease()
         args = [*self._revive_args(session_id, self._clock(), owner), lease.token if lease else "",
                 "" if summary_cache is None else json.dumps(summary_cache),
