@@ -133,7 +133,7 @@ def _load(config: ServerConfig, parts: _Components) -> InferenceCore:
         if parts.sessions is not None:
             parts.metrics.set_sessions(parts.sessions.count())
     limits = Limits(context_length=parts.engine.max_context, vocab_size=len(tokenizer))
-    executors = Executors()
+    executors = Executors(config.chat_workers, config.slow_workers)
     parts.closers.append(executors.close)
     return InferenceCore(engine=parts.engine, renderer=PromptRenderer(tokenizer),
                          registry=registry, config=config, limits=limits,

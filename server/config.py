@@ -53,6 +53,11 @@ class ServerConfig:
         "", "adapter writing summaries for the summarize strategy ('' = the bare base)")
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_seconds: float = setting(5.0, "seconds in-flight calls get on shutdown")
+    # Two pools apart from asyncio's default, so a slow adapter load never delays a chat.
+    chat_workers: int = setting(
+        8, "threads for chats' short blocking steps (tokenize, fit, session store)")
+    slow_workers: int = setting(
+        4, "threads for long waits: adapter loads, summaries, scores")
 
     # None disables server-side sessions (requests carrying a session id are then refused).
     sessions_db: Path | None = setting(
@@ -149,6 +154,7 @@ class ServerConfig:
                 f"different from port ({self.port}) and metrics_port ({self.metrics_port})")
 
     def _check_limits(self) -> None:
+        require_positive(self, "chat_workers", "slow_workers")
         require_positive(self, "max_new_tokens_limit", "max_request_bytes", "max_messages",
                          "max_message_chars", "max_concurrent_requests",
                          "max_concurrent_per_adapter")

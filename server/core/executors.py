@@ -19,10 +19,6 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-CHAT_WORKERS = 8
-SLOW_WORKERS = 4
-
-
 async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
     context = contextvars.copy_context()
     call = functools.partial(context.run, fn, *args)
@@ -31,10 +27,10 @@ async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
 
 @dataclass
 class Executors:
-    """The two pools; `close()` when the server stops."""
+    """The two pools, sized by the server's settings; `close()` when the server stops."""
 
-    chat_workers: int = CHAT_WORKERS
-    slow_workers: int = SLOW_WORKERS
+    chat_workers: int
+    slow_workers: int
     chat: ThreadPoolExecutor = field(init=False)
     slow: ThreadPoolExecutor = field(init=False)
 

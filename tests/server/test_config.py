@@ -64,6 +64,8 @@ def test_a_setting_name_is_unique_in_the_tree() -> None:
     ("default_max_new_tokens", 10_000, "default_max_new_tokens must be <= max_new_tokens_limit"),
     ("session_ttl_seconds", 0, "session_ttl_seconds must be a positive number of seconds"),
     ("base", "", "base must be a model directory or hub id"),
+    ("slow_workers", 0, "slow_workers must be an integer >= 1, got 0"),
+    ("quantize", "int8", "quantize must be one of"),
 ])
 def test_each_field_is_checked_with_a_precise_message(tmp_path: Path, field: str,
                                                        value: object, message: str) -> None:

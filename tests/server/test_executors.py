@@ -20,9 +20,9 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from server.app import start_in_thread
 from server.config import ServerConfig
-from server.core.executors import SLOW_WORKERS
 from server.engine import Engine
 
+SLOW_WORKERS = 2
 # More blocked calls than asyncio's default pool has threads, so a server that ran slow work
 # there would leave no thread for the chats' tokenize step.
 BLOCKED_CALLS = max(min(32, (os.cpu_count() or 1) + 4), SLOW_WORKERS) + 1
@@ -68,7 +68,7 @@ def test_a_chat_completes_while_slow_adapter_reads_hold_every_slow_worker(
         gate: ReadGate, tiny_base: Path, adapters_root: Path) -> None:
     config = ServerConfig.build(base=str(tiny_base), adapters_root=adapters_root, port=0,
                                 device="cpu", default_max_new_tokens=4, sessions_db=None,
-                                shutdown_grace_seconds=0.5)
+                                slow_workers=SLOW_WORKERS, shutdown_grace_seconds=0.5)
     server = start_in_thread(config)
     try:
         with grpc.insecure_channel(server.target) as channel:
