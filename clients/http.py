@@ -34,7 +34,7 @@ from clients.types import (
     checked_stops,
     message_dicts,
 )
-from common.names import BASE_NAME
+from common.names import adapter_name
 
 T = TypeVar("T")
 HTTP_SCHEMES = ("http://", "https://")
@@ -77,7 +77,7 @@ def chat_body(messages: MessagesLike, stream: bool, **options: Unpack[ChatOption
     """The /v1/chat/completions body for the gRPC client's chat options."""
     stop = checked_stops(options)
     body: dict[str, Any] = {
-        "model": options.get("adapter") or BASE_NAME, "messages": message_dicts(messages),
+        "model": adapter_name(options.get("adapter")), "messages": message_dicts(messages),
         "temperature": options.get("temperature", 0.0), "stream": stream,
     }
     # Left out when unset (None, "", 0, False, no stops): the server's default applies.
@@ -229,7 +229,7 @@ class AsyncHttpClient:
 
     async def score(self, messages: MessagesLike, continuation: str, *, adapter: str = "",
                     timeout: float | None = None) -> ScoreResult:
-        body = {"model": adapter or BASE_NAME, "messages": message_dicts(messages),
+        body = {"model": adapter_name(adapter), "messages": message_dicts(messages),
                 "continuation": continuation}
         data = await self._post("/score", body, timeout)
         return ScoreResult(log_likelihood=data["log_likelihood"], token_count=data["token_count"],

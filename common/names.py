@@ -18,11 +18,6 @@ def adapter_name(ref: str | None) -> str:
     return ref or BASE_NAME
 
 
-def adapter_ref(name: str | None) -> str | None:
-    """An adapter reference from a name that may be the base's ('' or BASE_NAME): None for it."""
-    return None if name in (None, "", BASE_NAME) else name
-
-
 class TruncationStrategy(enum.StrEnum):
     """How a conversation longer than its token budget is fitted (server/context.py).
 

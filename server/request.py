@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from common.names import BASE_NAME
+from common.names import adapter_name
 from server.output import OutputProcessor
 from server.sampling import SamplingParams
 
@@ -278,7 +278,7 @@ class Request:
 
     @property
     def adapter_label(self) -> str:
-        return self.spec.adapter or BASE_NAME
+        return adapter_name(self.spec.adapter)
 
     @property
     def prompt_len(self) -> int:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from clients.cli import add_security_options, describe_error
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardRpcError
-from common.names import BASE_NAME
+from common.names import BASE_NAME, adapter_name
 from evalsuite.ab.blindset import KEY_FILE, PAIRS_FILE, create_set, load_pairs
 from evalsuite.ab.errors import RatingSetError
 from evalsuite.ab.judge import run_judge
@@ -76,9 +76,9 @@ def judge_command(args: argparse.Namespace) -> int:
                              "(verdicts so far are saved; run again to resume)") from None
     finally:
         bar.close()
-    mine = [v for v in verdicts if v.judge == (adapter or BASE_NAME)]
+    mine = [v for v in verdicts if v.judge == adapter_name(adapter)]
     counts = {c: sum(v.choice == c for v in mine) for c in ("left", "right", "tie", "error")}
-    print(f"judge {adapter or BASE_NAME}: {len(mine)} pairs judged {counts}; "
+    print(f"judge {adapter_name(adapter)}: {len(mine)} pairs judged {counts}; "
           f"see `evalsuite ab results --set {args.set}`")
     return EXIT_PASS
 

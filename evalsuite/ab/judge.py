@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.names import BASE_NAME
+from common.names import adapter_name
 from evalsuite.ab.agreement import cohen_kappa
 from evalsuite.ab.blindset import BlindPair, PairKey
 from evalsuite.ab.errors import RatingSetError
@@ -116,7 +116,7 @@ def judge_pair(client: ChatClient, pair: BlindPair, adapter: str, **options: Any
     for a, b in ((pair.left, pair.right), (pair.right, pair.left)):
         texts.append(client.chat(judge_messages(pair, a, b), adapter=adapter, **options).text)
     choice = combine(parse_verdict(texts[0]), parse_verdict(texts[1]))
-    return JudgeVerdict(pair.id, adapter or BASE_NAME, choice, (texts[0], texts[1]))
+    return JudgeVerdict(pair.id, adapter_name(adapter), choice, (texts[0], texts[1]))
 
 
 def load_verdicts(set_dir: Path) -> list[JudgeVerdict]:
@@ -143,7 +143,7 @@ def run_judge(client: ChatClient, pairs: Sequence[BlindPair], set_dir: Path, ada
               on_done: Callable[[JudgeVerdict], None] | None = None,
               **options: Any) -> list[JudgeVerdict]:
     """Judge every pair this judge has not judged yet, saving after each."""
-    judge = adapter or BASE_NAME
+    judge = adapter_name(adapter)
     verdicts = load_verdicts(set_dir)
     done = {v.pair for v in verdicts if v.judge == judge}
     for pair in pairs:
