@@ -1,4 +1,5 @@
-"""Names every part shares: the bare base model's one name and the truncation strategies.
+"""Names every part shares: the bare base model's one name, an adapter version's key and the
+truncation strategies.
 
 In code the bare base is `None` (an adapter reference that names no adapter). Wherever a string
 has to stand for it (metrics labels, key scopes, OpenAI model ids, reports, messages) it is
@@ -16,6 +17,11 @@ BASE_NAME = "__base__"
 def adapter_name(ref: str | None) -> str:
     """What to call `ref` in a label or message: the reference itself, or BASE_NAME."""
     return ref or BASE_NAME
+
+
+def version_key(name: str, version: int) -> str:
+    """`name@version`: how the engine, metrics, key scopes and aliases know one adapter version."""
+    return f"{name}@{version}"
 
 
 class TruncationStrategy(enum.StrEnum):

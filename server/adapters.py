@@ -21,11 +21,12 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.names import version_key
 from server.errors import (
     AdapterLoadError,
     IncompatibleAdapterError,
@@ -65,18 +66,20 @@ class AdapterVersion:
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return version_key(self.name, self.version)
 
 
 @dataclass(frozen=True)
 class Alias:
+    """A name that points at one version."""
+
     alias: str
     name: str
     version: int
+    target: str = field(init=False)  # the version's key, `name@version`
 
-    @property
-    def target(self) -> str:
-        return f"{self.name}@{self.version}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", version_key(self.name, self.version))
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ class AdapterRegistry:
                                    f"the adapters root {self.root}; it is not read")
 
     def _scan_version(self, name: str, entry: Path) -> AdapterVersion | None:
-        key = f"{name}@{int(entry.name)}"
+        key = version_key(name, int(entry.name))
         if not self._inside_root(entry):
             self._problems[key] = f"{entry} points outside the adapters root {self.root}"
             return None
@@ -258,8 +261,8 @@ class AdapterRegistry:
                     found = self._scan_version(adapter_dir.name, entry)
                     if found is not None:
                         versions.setdefault(found.name, {})[found.version] = found
-        new = {f"{n}@{v}" for n in versions for v in versions[n]} - {
-            f"{n}@{v}" for n in self._versions for v in self._versions[n]}
+        new = {version_key(n, v) for n in versions for v in versions[n]} - {
+            version_key(n, v) for n in self._versions for v in self._versions[n]}
         if new:
             log.info("adapters found under %s: %s", self.root, ", ".join(sorted(new)))
         self._versions = versions
@@ -315,7 +318,7 @@ class AdapterRegistry:
         return known
 
     def _not_found(self, ref: str, name: str, version: int | None) -> Exception:
-        key = f"{name}@{version}" if version is not None else None
+        key = version_key(name, version) if version is not None else None
         if key in self._problems:
             return AdapterLoadError(f"adapter {ref!r} cannot be served: {self._problems[key]}")
         broken = sorted(k for k in self._problems if k.partition("@")[0] == name)

@@ -21,7 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,36 +179,34 @@ class CallInterceptor(ServiceInterceptor):
         await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
         return _Call(method, context, self.adapters_root), request_id
 
+    @asynccontextmanager
+    async def _guard(self, method: str, request: Any,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The call's id, record and metrics around a handler; a failure becomes its status."""
+        call, request_id = await self._open(method, request, context)
+        with request_context(request_id), self._scope(call):
+            try:
+                if isinstance(request, UndecodableRequest):
+                    request.check()
+                yield
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the one last-resort handler
+                call.record.error = e
+                await call.abort(e)
+
     def _unary(self, method: str, behaviour: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, request_id = await self._open(method, request, context)
-            with request_context(request_id), self._scope(call):
-                try:
-                    if isinstance(request, UndecodableRequest):
-                        request.check()
-                    return await behaviour(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:  # noqa: BLE001 - the one last-resort handler
-                    call.record.error = e
-                    await call.abort(e)
+            async with self._guard(method, request, context):
+                return await behaviour(request, context)
 
         return unary
 
     def _stream(self, method: str, behaviour: Any) -> Any:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call, request_id = await self._open(method, request, context)
-            with request_context(request_id), self._scope(call):
-                try:
-                    if isinstance(request, UndecodableRequest):
-                        request.check()
-                    async for item in behaviour(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as e:  # noqa: BLE001 - the one last-resort handler
-                    call.record.error = e
-                    await call.abort(e)
+            async with self._guard(method, request, context):
+                async for item in behaviour(request, context):
+                    yield item
 
         return stream
 

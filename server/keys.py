@@ -41,7 +41,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from common.names import BASE_NAME
+from common.names import BASE_NAME, version_key
 from server.errors import PermissionDeniedError, UnauthenticatedError
 
 AUTHORIZATION_METADATA = "authorization"
@@ -144,7 +144,7 @@ class Caller:
         """Is the resolved adapter `name`@`version` (None = the bare base) in scope?"""
         if not self.adapters:
             return True
-        candidates = [BASE_NAME] if name is None else [name, f"{name}@{version}"]
+        candidates = [BASE_NAME] if name is None else [name, version_key(name, version)]
         return any(fnmatchcase(c, p) for c in candidates for p in self.adapters)
 
     def out_of_scope(self, ref: str) -> PermissionDeniedError:

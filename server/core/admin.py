@@ -7,17 +7,40 @@ pool. A session is read or deleted by an admin key (every one) or by the key tha
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.adapters import AdapterVersion, Alias, AliasMove
 from server.core.components import InferenceCore
 from server.core.history import SESSIONS_OFF, check_owner, session_not_found
 from server.core.record import current_record
-from server.core.types import AdapterListing, AdapterStatus, LoadOutcome
 from server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from server.keys import ANONYMOUS, Caller
 from server.sessions import Session, SessionInfo
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """One adapter version as listed: what is on disk merged with what the engine holds."""
+
+    name: str
+    version: int
+    loaded: bool
+    aliases: tuple[str, ...] = ()
+    compatible: bool = False
+    base_fingerprint: str = ""
+    created: str = ""
+    rank: int = 0
+    memory_bytes: int = 0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """A loaded adapter's listing row and how long the load took."""
+
+    adapter: AdapterStatus
+    load_seconds: float
 
 
 def adapter_status(version: AdapterVersion | None, key: str, loaded: Any,
@@ -35,6 +58,14 @@ def adapter_status(version: AdapterVersion | None, key: str, loaded: Any,
         status = replace(status, memory_bytes=loaded.memory_bytes, in_flight=loaded.in_flight,
                          rank=loaded.rank)
     return status
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    """Every adapter version on disk, and the aliases that point at them."""
+
+    adapters: list[AdapterStatus]
+    aliases: list[Alias]
 
 
 def _key_order(key: str) -> tuple[str, int]:

@@ -7,13 +7,26 @@ waits on the slow pool, never on the chats' one.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 from common.conversation import Message
+from server.adapters import AdapterVersion
 from server.core.components import InferenceCore
 from server.core.record import current_record
-from server.core.types import ScoreOutcome, check_conversation
+from server.core.types import check_conversation
 from server.errors import AdapterLoadError, ContextOverflowError, InvalidArgumentError
 from server.keys import ANONYMOUS, Caller
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    """What Score found: the target's log-likelihood under the resolved adapter."""
+
+    log_likelihood: float
+    token_count: int
+    prompt_tokens: int
+    adapter: AdapterVersion | None
+    requested: str
 
 
 def check_score_length(core: InferenceCore, prompt: int, target: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.conversation import Message
-from server.adapters import AdapterVersion, Alias
+from server.adapters import AdapterVersion
 from server.errors import InvalidArgumentError
 from server.keys import ANONYMOUS, Caller
 from server.sampling import SamplingParams
@@ -50,6 +50,14 @@ class Truncation:
     summary: str = ""
 
 
+@dataclass(frozen=True)
+class Delta:
+    """New text of a running answer."""
+
+    text: str
+    completion_tokens: int
+
+
 @dataclass
 class ChatResult:
     """The accounting of one finished answer."""
@@ -66,51 +74,6 @@ class ChatResult:
     queue_wait_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of a running answer."""
-
-    text: str
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class ScoreOutcome:
-    log_likelihood: float
-    token_count: int
-    prompt_tokens: int
-    adapter: AdapterVersion | None
-    requested: str
-
-
-@dataclass(frozen=True)
-class AdapterStatus:
-    """One adapter version as listed: what is on disk merged with what the engine holds."""
-
-    name: str
-    version: int
-    loaded: bool
-    aliases: tuple[str, ...] = ()
-    compatible: bool = False
-    base_fingerprint: str = ""
-    created: str = ""
-    rank: int = 0
-    memory_bytes: int = 0
-    in_flight: int = 0
-
-
-@dataclass(frozen=True)
-class LoadOutcome:
-    adapter: AdapterStatus
-    load_seconds: float
-
-
-@dataclass(frozen=True)
-class AdapterListing:
-    adapters: list[AdapterStatus]
-    aliases: list[Alias]
 
 
 def check_conversation(messages: list[Message]) -> None:

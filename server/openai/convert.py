@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common.names import BASE_NAME, TRUNCATION_STRATEGIES
+from common.names import BASE_NAME, TRUNCATION_STRATEGIES, version_key
 from server.adapters import AdapterVersion
 from server.api import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, check_session_id, messages_from_pb
 from server.config import ServerConfig
@@ -255,7 +255,7 @@ def model_list(listing: AdapterListing, names: ModelNames, caller: Caller) -> Mo
     if caller.may_use(None):
         cards.append(ModelCard(id=names.base, created=names.created, owned_by=OWNER,
                                root=names.base))
-    servable = {f"{a.name}@{a.version}": _unix(a.created) for a in listing.adapters
+    servable = {version_key(a.name, a.version): _unix(a.created) for a in listing.adapters
                 if a.compatible and caller.may_use(a.name, a.version)}
     aliases = {a.alias for a in listing.aliases}  # an alias shadows an adapter's bare name
     newest: dict[str, int] = {}
@@ -265,7 +265,7 @@ def model_list(listing: AdapterListing, names: ModelNames, caller: Caller) -> Mo
     cards += [ModelCard(id=key, created=created, owned_by=OWNER, root=key)
               for key, created in servable.items()]
     for name, version in newest.items():
-        key = f"{name}@{version}"
+        key = version_key(name, version)
         if key in servable:
             cards.append(ModelCard(id=name, created=servable[key], owned_by=OWNER, root=key))
     cards += [ModelCard(id=a.alias, created=servable[a.target], owned_by=OWNER, root=a.target)
