@@ -12,7 +12,7 @@ from typing import Any
 
 from server.adapters import AdapterVersion, Alias, AliasMove
 from server.core.components import InferenceCore
-from server.core.history import SESSIONS_OFF, check_owner, session_not_found
+from server.core.history import SESSIONS_OFF, check_owner, session_not_found, stored_count
 from server.core.record import current_record
 from server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from server.keys import ANONYMOUS, Caller
@@ -104,13 +104,19 @@ class AdapterAdmin:
 
     def _unload(self, ref: str) -> AdapterStatus:
         """Refuses (AdapterInUseError) while requests hold the adapter; never waits for them."""
-        adapter = self.registry.resolve(_required(ref, "adapter"), require_compatible=False)
+        ref = _required(ref, "adapter")
         loaded = self.engine.loaded_adapters()
-        if adapter.key not in loaded:
+        try:
+            key = self.registry.resolve(ref, require_compatible=False).key
+        except NotFoundError:
+            if ref not in loaded:
+                raise
+            key = ref  # deleted from disk while resident: its memory is still freed by its key
+        if key not in loaded:
             held = ", ".join(sorted(loaded)) or "none"
-            raise NotFoundError(f"adapter {adapter.key} is not loaded; loaded: {held}")
-        status = self._status(adapter.key)
-        self.engine.unload_adapter(adapter.key)
+            raise NotFoundError(f"adapter {key} is not loaded; loaded: {held}")
+        status = self._status(key)
+        self.engine.unload_adapter(key)
         return replace(status, loaded=False, memory_bytes=0, in_flight=0)
 
     async def unload(self, ref: str) -> AdapterStatus:
@@ -163,8 +169,8 @@ class SessionAdmin:
     async def delete(self, session_id: str) -> bool:
         """True when deleted; False for a session that does not exist and for another key's
         (the same answer, so it tells nothing)."""
-        def delete() -> tuple[bool, int]:
-            return self.store.delete(session_id, self._owner), self.store.count()
+        def delete() -> tuple[bool, int | None]:
+            return self.store.delete(session_id, self._owner), stored_count(self.store)
 
         deleted, count = await self.quick(delete)
         current_record().sessions_stored = count

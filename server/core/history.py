@@ -22,7 +22,7 @@ from server.errors import (
     SessionStoreError,
 )
 from server.keys import Caller
-from server.sessions import Session, SessionLocks
+from server.sessions import Session, SessionLocks, SessionStore
 
 SESSIONS_OFF = "sessions are disabled on this server: start it with --sessions-db PATH"
 
@@ -107,9 +107,15 @@ class History:
                        else None)
             self.store.append_turn(turn.session_id, [*turn.new, Message("assistant", answer)],
                                    summary, owner)
-            try:
-                return self.store.count()
-            except SessionStoreError:
-                return None  # the turn is stored; only the gauge misses this update
+            return stored_count(self.store)
 
         return await self.executors.quick(write)
+
+
+def stored_count(store: SessionStore) -> int | None:
+    """The sessions stored, or None when only that count cannot be read (a write that worked
+    stays a success; only the gauge misses this update)."""
+    try:
+        return store.count()
+    except SessionStoreError:
+        return None

@@ -128,10 +128,6 @@ def test_a_version_in_use_is_not_unloaded() -> None:
     assert "alpha@1" in engine.loaded
 
 
-@pytest.mark.xfail(strict=True, reason="AdapterAdmin._unload resolves the reference on disk "
-                   "first, so once a rescan (the listing's) has seen its directory gone, a version "
-                   "the engine still holds is listed as loaded but cannot be unloaded "
-                   "(NotFoundError)")
 def test_a_loaded_version_deleted_from_disk_can_still_be_unloaded() -> None:
     registry, engine = FakeRegistry("alpha@1"), FakeEngine()
     engine.loaded["alpha@1"] = LoadedAdapterInfo(LOADED_RANK, 1024, 0, 0.0)
@@ -245,9 +241,6 @@ def test_an_admin_key_deletes_any_session() -> None:
     assert store.count() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="SessionAdmin.delete reads the session count in the same "
-                   "step as the delete, so a count that cannot be read fails a delete that "
-                   "happened (History.remember tolerates the same failure)")
 def test_a_delete_succeeds_when_only_the_session_count_cannot_be_read() -> None:
     store = sessions_of(ALICE)
     store.count_error = SessionStoreError("database is locked")
