@@ -1,14 +1,13 @@
-"""Process wiring: health, reflection, config validation, the CLI and graceful shutdown."""
+"""Process wiring: readiness, config validation, the CLI and graceful shutdown (health and
+reflection on a serving server: tests/server/services/test_health_and_reflection.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -16,36 +15,6 @@ from server.app import RunningServer, start_in_thread
 from server.cli import build_parser, config_from_args
 from server.config import ServerConfig
 from server.keys import KeyKind, KeyRing
-
-SERVICES = {"switchboard.v1.InferenceService", "switchboard.v1.AdapterService",
-            "switchboard.v1.SessionService"}
-
-
-@pytest.fixture(scope="module")
-def server(tiny_base: Path, adapters_root: Path) -> Iterator[RunningServer]:
-    running = start_in_thread(ServerConfig(base=str(tiny_base), adapters_root=adapters_root,
-                                           port=0, device="cpu", shutdown_grace_seconds=0.5,
-                                           sessions_db=None))
-    yield running
-    running.stop()
-
-
-def test_health_is_serving_for_every_service(server: RunningServer) -> None:
-    with grpc.insecure_channel(server.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", *SERVICES):
-            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
-
-
-def test_reflection_lists_the_services(server: RunningServer) -> None:
-    with grpc.insecure_channel(server.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-        names = {s.name for r in replies for s in r.list_services_response.service}
-    assert SERVICES <= names
-    assert "grpc.health.v1.Health" in names
 
 
 def test_port_zero_binds_a_free_port_and_stop_is_graceful(
