@@ -77,6 +77,10 @@ class RowFailedError(SwitchboardError):
     error); the other rows went on (INTERNAL at the edge: nothing the caller sent caused it)."""
 
 
+class DeadlineExceededError(SwitchboardError):
+    """The caller's deadline passed before the answer was complete (DEADLINE_EXCEEDED)."""
+
+
 class UnavailableError(SwitchboardError):
     """The server is not ready or is shutting down (UNAVAILABLE)."""
 

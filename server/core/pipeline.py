@@ -21,7 +21,7 @@ from server.core.generate import Generation, usage_of
 from server.core.prompt import Fitted
 from server.core.record import CallRecord, TruncationUsage, current_record
 from server.core.types import ChatInput, ChatResult, Delta, check_conversation
-from server.errors import AdapterLoadError
+from server.errors import AdapterLoadError, DeadlineExceededError
 from server.logging_setup import NO_REQUEST, current_request_id, new_request_id
 from server.request import FinishEvent, GenerationRequest, TokenEvent
 
@@ -70,6 +70,12 @@ class ChatCall:
                         else:
                             yield item
                     assert finish is not None, "the engine ended a stream without a finish"
+                    if finish.reason == "cancelled" and self._past_deadline():
+                        # The engine stops a row at the caller's deadline; that is a failed
+                        # call, never an OK answer that happens to beat the caller's own timer.
+                        raise DeadlineExceededError(
+                            f"the deadline passed after {finish.completion_tokens} generated "
+                            "tokens; allow more time or ask for fewer tokens")
                     result = self._result(finish, adapter, fitted)
                     if turn.session_id and result.finish_reason != "cancelled":
                         record.sessions_stored = await core.history.remember(
@@ -111,6 +117,9 @@ class ChatCall:
             if adapter is not None:
                 await self.core.resolver.explain_load_failure(adapter)
             raise
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def _result(self, finish: FinishEvent, adapter: AdapterVersion | None,
                 fitted: Fitted) -> ChatResult:

@@ -16,6 +16,7 @@ from typing import Any
 from server.errors import (
     AdapterLoadError,
     ContextOverflowError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -65,6 +66,7 @@ HTTP_BY_ERROR: dict[type[Exception], HttpError] = {
     PayloadTooLargeError: HttpError(413, "invalid_request_error", "request_too_large"),
     ResourceExhaustedError: HttpError(429, "rate_limit_error", "resource_exhausted"),
     UnavailableError: HttpError(503, "service_unavailable", "unavailable"),
+    DeadlineExceededError: HttpError(504, "timeout_error", "deadline_exceeded"),
 }
 
 

@@ -27,6 +27,7 @@ from server.errors import (
     AdapterLoadError,
     ConcurrencyLimitError,
     ContextOverflowError,
+    DeadlineExceededError,
     IncompatibleAdapterError,
     InvalidArgumentError,
     NotFoundError,
@@ -106,6 +107,7 @@ def in_flight(admin, adapter: str) -> int:
     (PayloadTooLargeError("x"), 413, "request_too_large"),
     (ConcurrencyLimitError("x"), 429, "resource_exhausted"),
     (UnavailableError("x"), 503, "unavailable"),
+    (DeadlineExceededError("x"), 504, "deadline_exceeded"),
     (RuntimeError("x"), 500, "internal"),
 ])
 def test_each_domain_error_has_its_http_status(error, status, code) -> None:

@@ -4,6 +4,7 @@ places given back, the turn remembered, and the call's record filled for the edg
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from server.core.record import CallRecord
 from server.errors import (
     AdapterLoadError,
     ConcurrencyLimitError,
+    DeadlineExceededError,
     NotFoundError,
     QueueFullError,
     RowFailedError,
@@ -21,7 +23,7 @@ from server.errors import (
 from server.keys import Caller, KeyKind, KeyLimits
 from server.logging_setup import request_context
 from server.ratelimit import KeyLimiter, RateLimitedError
-from server.request import TokenEvent
+from server.request import FinishEvent, TokenEvent
 from tests.server.core.fakes import (
     FakeEngine,
     FakeRegistry,
@@ -164,6 +166,17 @@ def test_an_answer_cancelled_midway_stores_no_turn() -> None:
     assert isinstance(result, ChatResult) and result.finish_reason == "cancelled"
     assert result.completion_tokens == 1 and engine.handles[0].cancelled
     assert sessions.get("s1") is None and record.sessions_stored is None
+
+
+def test_an_answer_the_engine_stopped_at_the_deadline_is_deadline_exceeded() -> None:
+    sessions = MemorySessions()
+    engine = FakeEngine(script=[TokenEvent("one ", [1], 1),
+                                FinishEvent("cancelled", "one ", 3, 1, None, None, 0.5)])
+    past = time.monotonic() - 1.0  # the engine ended the row because this passed
+    call = ChatCall(make_core(engine, sessions=sessions), chat_input(session_id="s1"), past)
+    with pytest.raises(DeadlineExceededError, match="after 1 generated tokens"):
+        run_chat(call)
+    assert sessions.get("s1") is None
 
 
 def test_an_adapter_deleted_while_its_request_waited_answers_not_found() -> None:

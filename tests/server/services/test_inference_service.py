@@ -204,28 +204,6 @@ def test_context_overflow_under_error_strategy_is_out_of_range(infer) -> None:
     assert_still_serving(infer)
 
 
-def test_every_domain_error_has_its_own_code() -> None:
-    from server import errors
-    from server.adapter_cache import AdapterNotLoadedError
-    from server.status import status_for
-
-    expected = {
-        errors.InvalidArgumentError: "INVALID_ARGUMENT", errors.NotFoundError: "NOT_FOUND",
-        AdapterNotLoadedError: "NOT_FOUND",
-        errors.FailedPreconditionError: "FAILED_PRECONDITION",
-        errors.IncompatibleAdapterError: "FAILED_PRECONDITION",
-        errors.AdapterInUseError: "FAILED_PRECONDITION",
-        errors.AdapterLoadError: "FAILED_PRECONDITION",
-        errors.ResourceExhaustedError: "RESOURCE_EXHAUSTED",
-        errors.QueueFullError: "RESOURCE_EXHAUSTED",
-        errors.AdapterCapacityError: "RESOURCE_EXHAUSTED",
-        errors.ContextOverflowError: "OUT_OF_RANGE", errors.SessionBusyError: "ABORTED",
-        errors.UnavailableError: "UNAVAILABLE", KeyError: "INTERNAL", ValueError: "INTERNAL",
-    }
-    for cls, code in expected.items():
-        assert status_for(cls("x")).name == code, cls
-
-
 # ---------------------------------------------------------------- a tiny queue
 
 def test_full_queue_is_resource_exhausted(tiny_base, served_root, long_adapter) -> None:
