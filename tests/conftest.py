@@ -1,10 +1,13 @@
-"""Session fixtures: the tiny base and the bundled data are built once per test session."""
+"""Session fixtures: the tiny base, the bundled data and a random adapters root are built once
+per test run (shared by the xdist workers)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,12 +29,34 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], None]) -> Path:
+    """`build(directory)` run once per test run: under xdist the first worker to get here builds
+    into the run's shared temp directory while the others wait on a file lock, then all reuse it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the one temp root all workers share
+    directory, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a build a crashed worker left half done
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded tiny chat base model, built the way `trainer init-base` builds it."""
     from trainer.base import build_base
 
-    return build_base(tmp_path_factory.mktemp("base") / "tiny-base", seed=0)
+    built = built_once(tmp_path_factory, "base", lambda d: build_base(d / "tiny-base", seed=0))
+    return built / "tiny-base"
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +64,7 @@ def bundled_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled conversation data, as `trainer make-data` writes it."""
     from trainer.datagen import make_data
 
-    out = tmp_path_factory.mktemp("data")
-    make_data(out, seed=0)
-    return out
+    return built_once(tmp_path_factory, "data", lambda d: make_data(d, seed=0))
 
 
 def write_random_adapter(
@@ -81,11 +104,13 @@ def write_random_adapter(
 @pytest.fixture(scope="session")
 def adapters_root(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An adapters root with `alpha` (versions 1 and 2) and `beta` (version 1), random weights."""
-    root = tmp_path_factory.mktemp("adapters")
-    write_random_adapter(tiny_base, root, "alpha", 1, seed=1)
-    write_random_adapter(tiny_base, root, "alpha", 2, seed=2)
-    write_random_adapter(tiny_base, root, "beta", 1, seed=3, rank=4)
-    return root
+
+    def build(root: Path) -> None:
+        write_random_adapter(tiny_base, root, "alpha", 1, seed=1)
+        write_random_adapter(tiny_base, root, "alpha", 2, seed=2)
+        write_random_adapter(tiny_base, root, "beta", 1, seed=3, rank=4)
+
+    return built_once(tmp_path_factory, "adapters", build)
 
 
 @dataclass(frozen=True)

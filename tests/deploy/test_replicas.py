@@ -62,6 +62,14 @@ def routes_by_adapter(proxy: Proxy) -> dict[str, set[str]]:
     return seen
 
 
+def calls_by_adapter(proxy: Proxy) -> dict[str, list[tuple[str, str]]]:
+    """(replica that answered, grpc status) of each logged call, per adapter, in order."""
+    calls: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for adapter, upstream, status in proxy.routes():
+        calls[adapter].append((upstream, status))
+    return calls
+
+
 class Conversation(threading.Thread):
     """TURNS turns on one session through the proxy, each retried on the statuses a dying replica
     causes until TURN_DEADLINE_S; `acked` holds the user messages whose answers arrived."""
@@ -97,6 +105,11 @@ class Conversation(threading.Thread):
                 self.retries += 1
                 time.sleep(0.2)
 
+    @property
+    def calls(self) -> int:
+        """Calls that came back to this client, answered or failed (nginx logs one line each)."""
+        return len(self.acked) + self.retries
+
 
 def test_each_adapter_lands_on_one_replica_and_is_loaded_only_there(stack) -> None:
     proxy, fleet = stack
@@ -122,16 +135,23 @@ def test_a_replica_killed_mid_traffic_loses_no_acknowledged_turn(stack) -> None:
     routed = routes_by_adapter(proxy) or {a: {fleet[0].target} for a in ADAPTERS}
     busiest = max(fleet, key=lambda r: sum(r.target in u for u in routed.values()))
     survivor: Replica = next(r for r in fleet if r is not busiest)
+    logged_before = {a: len(calls) for a, calls in calls_by_adapter(proxy).items()}
     conversations = [Conversation(proxy.target, adapter) for adapter in ADAPTERS]
     for conversation in conversations:
         conversation.start()
     wait_until(lambda: all(len(c.acked) >= 2 for c in conversations), "two turns each")
 
     busiest.kill()  # SIGKILL with turns in flight
-    time.sleep(0.5)  # nginx logs what the victim answered before it died
-    logged_at_kill = len(proxy.routes())
+    # Each conversation's calls run one at a time: past those that came back by now and the one
+    # still in flight, every call it makes started after the kill.
+    started_after_kill = {c.adapter: logged_before.get(c.adapter, 0) + c.calls + 1
+                          for c in conversations}
     for conversation in conversations:
         conversation.join(timeout=TURNS * TURN_DEADLINE_S)
+    # nginx writes a call's line as it finishes it: wait until every call is in the log.
+    wait_until(lambda: all(len(calls_by_adapter(proxy)[c.adapter])
+                           >= logged_before.get(c.adapter, 0) + c.calls for c in conversations),
+               "nginx to log every call")
 
     caller = Caller(proxy.target)
     for conversation in conversations:
@@ -143,7 +163,9 @@ def test_a_replica_killed_mid_traffic_loses_no_acknowledged_turn(stack) -> None:
         assert len(stored) - len(conversation.acked) <= 1
     caller.close()
     # Calls in flight at the kill fail; every call answered after it came from the survivor.
-    answered = [up for _, up, status in proxy.routes()[logged_at_kill:] if status == "0"]
+    answered = [up for adapter, calls in calls_by_adapter(proxy).items()
+                for up, status in calls[started_after_kill.get(adapter, len(calls)):]
+                if status == "0"]
     assert answered and set(answered) == {survivor.target}
     assert Caller(survivor.target).loaded() == set(ADAPTERS)
 

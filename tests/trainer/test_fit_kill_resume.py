@@ -18,7 +18,7 @@ from trainer import manifest as mf
 DOMAIN = "it_helpdesk"
 NAME = "killed"
 RUN_ID = "kill-resume"
-MAX_STEPS = 30
+MAX_STEPS = 12
 # Long enough for a model load on 2 busy cores plus the first checkpoint.
 CHECKPOINT_TIMEOUT_S = 120.0
 # One intra-op thread: on 2 cores shared with other jobs, OpenMP's spinning worker threads made
