@@ -7,6 +7,7 @@ stop-sequence matcher that decides how much generated text is safe to stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -153,9 +154,9 @@ def row_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return choice, logits.gather(1, choice[:, None])[:, 0]
     blocks = logits.reshape(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
     block = torch.argmax(blocks.amax(dim=-1), dim=-1)  # (B,) first block with the maximum
-    within = blocks[torch.arange(rows, device=logits.device), block]  # (B, block)
-    offset = torch.argmax(within, dim=-1)
-    return block * _ARGMAX_BLOCK + offset, within.gather(1, offset[:, None])[:, 0]
+    within = blocks.gather(1, block[:, None, None].expand(rows, 1, _ARGMAX_BLOCK))[:, 0]
+    value, offset = within.max(dim=-1)  # the first maximum on ties, as argmax
+    return offset.add_(block, alpha=_ARGMAX_BLOCK), value
 
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | RowFailedError]:
@@ -166,8 +167,9 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int |
     """
     choice, best = row_argmax(logits)
     # argmax picks a NaN or +inf when a row has one, so the picked logit alone tells whether
-    # the row is finite: no second pass over (B, V). One device-to-host copy for both.
-    picked, finite = torch.stack((choice, torch.isfinite(best).long())).tolist()
+    # the row is finite: no second pass over (B, V).
+    picked = choice.tolist()
+    finite = [math.isfinite(value) for value in best.tolist()]
     tokens: list[int | RowFailedError] = picked
     special = [i for i, row in enumerate(rows) if not (row.plain_greedy and finite[i])]
     if not special:
