@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -172,7 +173,9 @@ class RequestHandle:
         with self._cond:
             self._pushed.append(item)
             self._cond.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
+            waiters = self._async_waiters or ()  # no new list when nobody awaits
+            if waiters:
+                self._async_waiters = []
         for loop, flag in waiters:
             try:
                 loop.call_soon_threadsafe(flag.set)
@@ -276,7 +279,7 @@ class Request:
     def request_id(self) -> str:
         return self.spec.request_id
 
-    @property
+    @cached_property
     def adapter_label(self) -> str:
         return adapter_name(self.spec.adapter)
 

@@ -7,8 +7,9 @@ stop-sequence matcher that decides how much generated text is safe to stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,6 +78,13 @@ class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None
     seen_ids: torch.Tensor  # (n,) prompt + generated ids, for the repetition penalty
+    # Fixed by the params; plain fields because the batch reads them for every row each step.
+    plain_greedy: bool = field(init=False)  # greedy without a penalty: the batch's one argmax
+    tracks_seen: bool = field(init=False)  # a repetition penalty needs the ids it has seen
+
+    def __post_init__(self) -> None:
+        self.tracks_seen = self.params.repetition_penalty != 1.0
+        self.plain_greedy = self.params.greedy and not self.tracks_seen
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: Sequence[int]) -> RowSampler:
@@ -89,13 +97,8 @@ class RowSampler:
                 generator.seed()
         return cls(params, generator, torch.tensor(list(prompt_ids), dtype=torch.long))
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy without a penalty: the batch can take it in a single argmax."""
-        return self.params.greedy and self.params.repetition_penalty == 1.0
-
     def observe(self, token_id: int) -> None:
-        if self.params.repetition_penalty != 1.0:
+        if self.tracks_seen:
             self.seen_ids = torch.cat([self.seen_ids, torch.tensor([token_id])])
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -137,26 +140,46 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
+_ARGMAX_BLOCK = 64
+
+
+def row_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) index and value of each row's maximum, the first one on ties (as torch.argmax,
+    NaN counting as the largest). In two stages, the first block holding the row's maximum and
+    then the place in it, because torch's CPU argmax does not vectorize and costs ten times
+    a max over the same (B, V) logits."""
+    rows, vocab = logits.shape
+    if vocab % _ARGMAX_BLOCK or logits.device.type != "cpu":
+        choice = torch.argmax(logits, dim=-1)
+        return choice, logits.gather(1, choice[:, None])[:, 0]
+    blocks = logits.reshape(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    block = torch.argmax(blocks.amax(dim=-1), dim=-1)  # (B,) first block with the maximum
+    within = blocks.gather(1, block[:, None, None].expand(rows, 1, _ARGMAX_BLOCK))[:, 0]
+    value, offset = within.max(dim=-1)  # the first maximum on ties, as argmax
+    return offset.add_(block, alpha=_ARGMAX_BLOCK), value
+
+
 def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | RowFailedError]:
     """Next token for each row of `logits` (B, V); greedy rows share one argmax.
 
     A row whose logits are not finite (a damaged adapter) or whose sampling raises gets a
     RowFailedError in its place; the other rows are unaffected.
     """
-    choice = torch.argmax(logits, dim=-1)  # (B,)
+    choice, best = row_argmax(logits)
     # argmax picks a NaN or +inf when a row has one, so the picked logit alone tells whether
-    # the row is finite: no second pass over (B, V). One device-to-host copy for both.
-    best = logits.gather(1, choice[:, None])[:, 0]
-    picked, finite = torch.stack((choice, torch.isfinite(best).long())).tolist()
-    tokens: list[int | RowFailedError] = list(picked)
-    special = [i for i, row in enumerate(rows) if not row.plain_greedy or not finite[i]]
-    if special:
-        # The rows' generators and seen ids live on the CPU; one copy serves every such row.
-        host = logits.float().cpu()
-        for index in special:
-            tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
+    # the row is finite: no second pass over (B, V).
+    picked = choice.tolist()
+    finite = [math.isfinite(value) for value in best.tolist()]
+    tokens: list[int | RowFailedError] = picked
+    special = [i for i, row in enumerate(rows) if not (row.plain_greedy and finite[i])]
+    if not special:
+        return tokens  # the common case: every row took the argmax and keeps no history
+    # The rows' generators and seen ids live on the CPU; one copy serves every such row.
+    host = logits.float().cpu()
+    for index in special:
+        tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
     for row, token in zip(rows, tokens, strict=True):
-        if isinstance(token, int):
+        if row.tracks_seen and isinstance(token, int):
             row.observe(token)
     return tokens
 

@@ -17,8 +17,9 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.engine_config import SchedulerConfig
 from server.errors import QueueFullError
@@ -42,7 +43,7 @@ class StepPlan:
     running: tuple[Request, ...]
     admitted: tuple[Request, ...]
 
-    @property
+    @cached_property
     def rows(self) -> tuple[Request, ...]:
         return self.running + self.admitted
 
@@ -51,9 +52,9 @@ class StepPlan:
         return not self.running and not self.admitted
 
 
-@dataclass(frozen=True)
-class RowOutput:
-    """What one row produced in a step: its token, or the error that ended it alone."""
+class RowOutput(NamedTuple):
+    """What one row produced in a step: its token, or the error that ended it alone. (A
+    tuple: the scheduler makes one per row per step, and a frozen dataclass costs more.)"""
 
     request: Request
     token_id: int
@@ -192,19 +193,26 @@ class Scheduler:
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
         outputs = []
+        someone_left = False  # most steps nobody finishes: keep `running` as it is then
+        eos_ids = self.eos_token_ids
         for request in plan.rows:
-            if request.status.is_finished:
+            if request.status.is_finished:  # aborted while the step ran
+                someone_left = True
                 continue
             token = tokens[request]
             if isinstance(token, BaseException):
                 request.status = RequestStatus.FINISHED_ERROR
                 outputs.append(RowOutput(request, -1, False, token))
+                someone_left = True
                 continue
-            is_eos = token in self.eos_token_ids and not request.sampling.ignore_eos
+            is_eos = token in eos_ids and not request.sampling.ignore_eos
             request.num_output_tokens += 1
-            request.status = self._status_after(request, is_eos)
+            status = self._status_after(request, is_eos)
+            request.status = status
+            someone_left = someone_left or status is not RequestStatus.RUNNING
             outputs.append(RowOutput(request, token, is_eos))
-        self.running = [r for r in self.running if not r.status.is_finished]
+        if someone_left:
+            self.running = [r for r in self.running if not r.status.is_finished]
         return outputs
 
     def _status_after(self, request: Request, is_eos: bool) -> RequestStatus:

@@ -77,6 +77,19 @@ class _Call:
     future: Future
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    """Which per-step observer hooks exist: without them the step skips the counting."""
+
+    on_step: bool
+    on_tokens: bool
+
+    @classmethod
+    def of(cls, observer: Any) -> _Hooks:
+        return cls(callable(getattr(observer, "on_step", None)),
+                   callable(getattr(observer, "on_tokens", None)))
+
+
 _WAKE = object()
 _STOP = object()
 # While requests wait (for an adapter, a batch place), the loop wakes this often to notice
@@ -108,6 +121,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.observer = observer
+        self._hooks = _Hooks.of(observer)
         native = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.max_context = self.config.context_for(native)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -453,31 +467,34 @@ class Engine:
         self._emit(outputs, aborted)
         if aborted or self.scheduler.num_running < len(plan.rows):
             self.runner.release_finished()  # some row left: pack the rows again
+        if self._hooks.on_step:
+            adapters = len({r.adapter_label for r in plan.rows})  # the bare base counts as one
         stats = self._stats
         stats[0] += 1
         stats[1] += len(plan.rows)
         stats[2] += time.perf_counter() - started
         stats[3] += self.runner.forward_seconds - forward_before
-        adapters = {r.adapter_label for r in plan.rows}  # the bare base counts as one
-        self._notify("on_step", len(plan.rows), self.scheduler.num_running,
-                     self.scheduler.num_waiting, len(adapters))
+        if self._hooks.on_step:
+            self._notify("on_step", len(plan.rows), self.scheduler.num_running,
+                         self.scheduler.num_waiting, adapters)
 
     # -- engine thread: events ---------------------------------------------------------------
 
     def _emit(self, outputs: list[RowOutput], aborted: list[Request]) -> None:
         produced: Counter[str | None] = Counter()
-        for out in outputs:
-            request = out.request
-            if out.error is not None:
+        counting = self._hooks.on_tokens
+        for request, token_id, is_eos, error in outputs:
+            if error is not None:
                 self._release(request)
-                request.handle.push_error(out.error)
+                request.handle.push_error(error)
                 continue
-            produced[request.spec.adapter] += 1
-            finished = request.status.is_finished
-            if finished:
+            if counting:
+                produced[request.spec.adapter] += 1
+            if request.status.is_finished:
                 self._release(request)
-            request.handle.push_token(out.token_id, out.is_eos,
-                                      request.finish_reason if finished else None)
+                request.handle.push_token(token_id, is_eos, request.finish_reason)
+            else:
+                request.handle.push_token(token_id, is_eos, None)
         self._emit_cancelled(aborted)
         for adapter, count in produced.items():
             self._notify("on_tokens", adapter, count)

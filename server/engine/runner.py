@@ -87,8 +87,7 @@ class ModelRunner:
             logits = self._decode_eager(n)
         self.forward_seconds += time.perf_counter() - started
         self.lengths[:n] += 1
-        for i in range(n):
-            self._host_lengths[i] += 1
+        self._host_lengths = [length + 1 for length in self._host_lengths]
         return self._sample(logits, self.rows, first_row=0)
 
     def _decode_eager(self, n: int) -> torch.Tensor:

@@ -9,7 +9,14 @@ import torch
 
 from common.modeling import load_tokenizer
 from server.detokenize import IncrementalDetokenizer
-from server.sampling import RowSampler, SamplingParams, StopCheck, check_stop, sample_batch
+from server.sampling import (
+    RowSampler,
+    SamplingParams,
+    StopCheck,
+    check_stop,
+    row_argmax,
+    sample_batch,
+)
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -37,6 +44,23 @@ def _rows(n: int, **params) -> list[RowSampler]:
 def test_greedy_rows_take_the_argmax():
     logits = torch.randn(3, 50)
     assert sample_batch(logits, _rows(3)) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab", [4096, 1000])  # blocks of 64, and the plain fallback
+def test_row_argmax_is_torch_argmax_with_ties_nan_and_inf(vocab):
+    torch.manual_seed(0)
+    logits = torch.randint(-3, 4, (9, vocab)).float()  # many tied maxima per row
+    logits[1] = torch.randn(vocab)
+    logits[2, 700] = float("nan")
+    logits[3, 5] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, vocab - 1] = 10.0  # the maximum in the last block
+    index, value = row_argmax(logits)
+    expected = torch.argmax(logits, dim=-1)
+    assert torch.equal(index, expected)
+    picked = logits.gather(1, expected[:, None])[:, 0]
+    assert torch.allclose(value, picked, rtol=0, atol=0, equal_nan=True)
+    assert value[2].isnan() and value[3] == float("inf")
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy_even_when_sampling():
