@@ -50,10 +50,10 @@ proto: setup
 	$(BIN)/python -m common.protogen
 
 # Two workers: most tests wait on a real server, so two share the cores well; loadscope keeps
-# each module (and its server) on one worker.
+# each module (and its server) on one worker, in the order tests/conftest.py gives (longest first).
 test: setup docs
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The reference in docs/: any broken link, anchor or page missing from the nav fails the build.
 docs: setup
