@@ -162,7 +162,8 @@ class StackedLoraLinear(nn.Module):
         return a_rows.transpose(1, 2).contiguous(), bt_rows  # (B, in, r): bmm-ready
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_4bit is not None and x.dtype == self._dtype and not x.requires_grad:
+        if (self._cpu_4bit is not None and x.device.type == "cpu" and x.dtype == self._dtype
+                and not x.requires_grad):
             result = dequantized_linear(x, self._cpu_4bit)  # (B, T, out)
         else:
             result = self.base_layer(x)

@@ -287,10 +287,11 @@ class Request:
     def prompt_len(self) -> int:
         return len(self.spec.prompt_ids)
 
-    @property
-    def abort_requested(self) -> bool:
+    def abort_requested(self, now: float) -> bool:
+        """Whether the caller cancelled or the deadline had passed at `now` (one clock read
+        serves a whole step's rows)."""
         deadline = self.spec.deadline
-        return self.handle.cancelled or (deadline is not None and time.monotonic() >= deadline)
+        return self.handle.cancelled or (deadline is not None and now >= deadline)
 
     @property
     def finish_reason(self) -> FinishReason | None:

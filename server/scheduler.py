@@ -14,6 +14,7 @@ Only `add` is called from other threads; everything else runs on the engine thre
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ class Scheduler:
     def drop_aborted_waiting(self) -> list[Request]:
         """Finish (as cancelled) waiting requests whose caller cancelled or whose deadline
         passed; return them so the engine can tell their callers."""
-        taken = self._take_waiting(lambda r: r.abort_requested)
+        now = time.monotonic()
+        taken = self._take_waiting(lambda r: r.abort_requested(now))
         for request in taken:
             request.status = RequestStatus.FINISHED_CANCELLED
         return taken
@@ -178,7 +180,8 @@ class Scheduler:
     def abort_running(self, plan: StepPlan) -> list[Request]:
         """Finish (as cancelled) rows of `plan` whose caller left or whose deadline passed
         while the step ran; their tokens from this step are discarded."""
-        aborted = [r for r in plan.rows if not r.status.is_finished and r.abort_requested]
+        now = time.monotonic()
+        aborted = [r for r in plan.rows if not r.status.is_finished and r.abort_requested(now)]
         for request in aborted:
             request.status = RequestStatus.FINISHED_CANCELLED
         return aborted
