@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,11 @@ class Alias:
     alias: str
     name: str
     version: int
-    target: str = field(init=False)  # the version's key, `name@version`
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target", version_key(self.name, self.version))
+    @property
+    def target(self) -> str:
+        """The key of the version it points at, `name@version`."""
+        return version_key(self.name, self.version)
 
 
 @dataclass(frozen=True)

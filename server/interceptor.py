@@ -86,8 +86,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return self.wrap(handler, details.method)
 
 
-
-
 @dataclass(frozen=True)
 class UndecodableRequest:
     """What the handler gets instead of a request protobuf could not parse."""

@@ -467,14 +467,13 @@ class Engine:
         self._emit(outputs, aborted)
         if aborted or self.scheduler.num_running < len(plan.rows):
             self.runner.release_finished()  # some row left: pack the rows again
-        if self._hooks.on_step:
-            adapters = len({r.adapter_label for r in plan.rows})  # the bare base counts as one
         stats = self._stats
         stats[0] += 1
         stats[1] += len(plan.rows)
         stats[2] += time.perf_counter() - started
         stats[3] += self.runner.forward_seconds - forward_before
         if self._hooks.on_step:
+            adapters = len({r.adapter_label for r in plan.rows})  # the bare base counts as one
             self._notify("on_step", len(plan.rows), self.scheduler.num_running,
                          self.scheduler.num_waiting, adapters)
 
