@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
+
+from server.cpu4bit import Cpu4bitLinear
 
 BASE_SLOT = 0
 
@@ -56,54 +57,14 @@ class LoraContext:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A plain or bitsandbytes 4-bit Linear (the layers LoRA can target here)."""
-    if isinstance(module, nn.Linear):
+    """A plain or 4-bit Linear (the layers LoRA can target here)."""
+    if isinstance(module, nn.Linear | Cpu4bitLinear):
         return True
     try:
         import bitsandbytes as bnb
     except ImportError:  # the CPU build without bitsandbytes only has plain Linear layers
         return False
     return isinstance(module, bnb.nn.Linear4bit)
-
-
-@dataclass(frozen=True)
-class Cpu4bitWeight:
-    """A CPU bitsandbytes 4-bit weight as `dequantized_linear` reads it: the packed NF4/FP4
-    codes, and the per-block scales already unpacked from their double quantization."""
-
-    packed: torch.Tensor
-    absmax: torch.Tensor  # (blocks,) float32
-    state: Any  # bitsandbytes QuantState: blocksize, quant_type, shape
-
-    @classmethod
-    def of(cls, layer: nn.Module, dtype: torch.dtype) -> Cpu4bitWeight | None:
-        """For a CPU Linear4bit computing in `dtype` with no bias and no repacked weights;
-        None for any other layer (which then runs its own forward)."""
-        weight = getattr(layer, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if (state is None or weight.device.type != "cpu" or layer.bias is not None
-                or getattr(state, "packing_format_for_cpu", False)
-                or getattr(layer, "support_avx512bf16_for_cpu", True)
-                or getattr(layer, "compute_dtype", None) != dtype
-                or (state.nested and state.state2.blocksize != 256)):
-            return None
-        absmax = state.absmax
-        if state.nested:
-            # What bitsandbytes recomputes on every call, done once: 4 bytes per block of
-            # 64 weights (half a bit per weight) buys about a tenth of a decode step.
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                absmax, state.state2.absmax, state.state2.code, 256, torch.float32,
-            ) + state.offset
-        return cls(weight.data, absmax.float(), state)
-
-
-def dequantized_linear(x: torch.Tensor, weight: Cpu4bitWeight) -> torch.Tensor:
-    """x @ W^T with the same kernels and matmul bitsandbytes' Linear4bit runs on the CPU (so
-    the same numbers), without its five Python layers per call."""
-    state = weight.state
-    dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight.packed, weight.absmax, state.blocksize, state.quant_type, state.shape, x.dtype)
-    return torch.nn.functional.linear(x, dense)
 
 
 class StackedLoraLinear(nn.Module):
@@ -126,10 +87,6 @@ class StackedLoraLinear(nn.Module):
             "lora_bt",
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
-        # On the CPU a 4-bit base runs through its kernels directly (`dequantized_linear`):
-        # at the tiny base's size bitsandbytes' Python layers cost as much as its kernels.
-        self._cpu_4bit = Cpu4bitWeight.of(base_layer, dtype)
-        self._dtype = dtype
         self._gathered_version = -1
         self._a_rows: torch.Tensor | None = None
         self._bt_rows: torch.Tensor | None = None
@@ -162,11 +119,7 @@ class StackedLoraLinear(nn.Module):
         return a_rows.transpose(1, 2).contiguous(), bt_rows  # (B, in, r): bmm-ready
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._cpu_4bit is not None and x.device.type == "cpu" and x.dtype == self._dtype
-                and not x.requires_grad):
-            result = dequantized_linear(x, self._cpu_4bit)  # (B, T, out)
-        else:
-            result = self.base_layer(x)
+        result = self.base_layer(x)
         if self.context.slots is None:
             return result
         if x.shape[0] != self.context.slots.shape[0]:

@@ -139,20 +139,20 @@ class RequestHandle:
         self._output = output
         self._prompt_tokens = prompt_tokens
         self._on_cancel = on_cancel
-        self._cancelled = threading.Event()
+        # A plain flag (one store, atomic under the GIL): the engine reads it for every row.
+        self.cancelled = False
         self._cond = threading.Condition()
+        # The engine appends without the lock (deque appends are thread-safe) and takes it only
+        # when the reader has announced, under the lock, that it is about to sleep.
         self._pushed: deque[_Token | _Finished | BaseException] = deque()
+        self._reader_sleeps = False
         self._ready: deque[Event] = deque()  # built events not yet returned
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._done = False
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     def cancel(self) -> None:
         """Ask the engine to drop this request; it finishes with reason "cancelled"."""
-        self._cancelled.set()
+        self.cancelled = True
         if self._on_cancel is not None:
             self._on_cancel()
 
@@ -161,21 +161,23 @@ class RequestHandle:
     def push_token(self, token_id: int, is_eos: bool, finish: FinishReason | None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self._push(_Token(token_id, is_eos, finish))
+        self._pushed.append(_Token(token_id, is_eos, finish))
+        if self._reader_sleeps:
+            self._wake_reader()
 
     def push_finish(self, reason: FinishReason) -> None:
-        self._push(_Finished(reason))
+        self._pushed.append(_Finished(reason))
+        self._wake_reader()
 
     def push_error(self, error: BaseException) -> None:
-        self._push(error)
+        self._pushed.append(error)
+        self._wake_reader()
 
-    def _push(self, item: _Token | _Finished | BaseException) -> None:
+    def _wake_reader(self) -> None:
         with self._cond:
-            self._pushed.append(item)
+            self._reader_sleeps = False
             self._cond.notify_all()
-            waiters = self._async_waiters or ()  # no new list when nobody awaits
-            if waiters:
-                self._async_waiters = []
+            waiters, self._async_waiters = self._async_waiters, []
         for loop, flag in waiters:
             try:
                 loop.call_soon_threadsafe(flag.set)
@@ -225,12 +227,22 @@ class RequestHandle:
             self._ready.extend(self._events_of(self._pushed.popleft()))
         return self._ready.popleft()
 
+    def _next_or_announce(self) -> Event | None:
+        """The next event; or None once the reader has announced that it will sleep (under
+        `_cond`). The second look catches a push made before the announcement was visible;
+        any later push sees it and wakes the reader."""
+        event = self._next_ready()
+        if event is None:
+            self._reader_sleeps = True
+            event = self._next_ready()
+        return event
+
     def __iter__(self) -> RequestHandle:
         return self
 
     def __next__(self) -> Event:
         with self._cond:
-            while (event := self._next_ready()) is None:
+            while (event := self._next_or_announce()) is None:
                 self._cond.wait()
         return event
 
@@ -241,7 +253,7 @@ class RequestHandle:
         while True:
             with self._cond:
                 try:
-                    event = self._next_ready()
+                    event = self._next_or_announce()
                 except StopIteration:
                     raise StopAsyncIteration from None
                 if event is None:
@@ -274,6 +286,11 @@ class Request:
     holds_pin: bool = False  # whether it holds a pin on its adapter in the cache
     status: RequestStatus = RequestStatus.WAITING
     num_output_tokens: int = 0
+    # Set by the scheduler when the request is queued, so that a step's per-row update is a
+    # set lookup and one comparison: the ids that end it (none under `ignore_eos`), and how
+    # many tokens it may produce (its own limit, capped by the context left after its prompt).
+    stop_ids: frozenset[int] = frozenset()
+    token_limit: int = 0
 
     @property
     def request_id(self) -> str:

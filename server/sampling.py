@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from server.errors import RowFailedError
@@ -140,47 +141,48 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-_ARGMAX_BLOCK = 64
-
-
 def row_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) index and value of each row's maximum, the first one on ties (as torch.argmax,
-    NaN counting as the largest). In two stages, the first block holding the row's maximum and
-    then the place in it, because torch's CPU argmax does not vectorize and costs ten times
-    a max over the same (B, V) logits."""
-    rows, vocab = logits.shape
-    if vocab % _ARGMAX_BLOCK or logits.device.type != "cpu":
+    NaN counting as the largest). On the CPU through numpy, whose argmax is vectorized and
+    answers in one pass over (B, V), where torch's CPU argmax costs several times more."""
+    if (logits.device.type != "cpu" or logits.requires_grad
+            or logits.dtype not in (torch.float32, torch.float64)):
         choice = torch.argmax(logits, dim=-1)
         return choice, logits.gather(1, choice[:, None])[:, 0]
-    blocks = logits.reshape(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
-    block = torch.argmax(blocks.amax(dim=-1), dim=-1)  # (B,) first block with the maximum
-    within = blocks.gather(1, block[:, None, None].expand(rows, 1, _ARGMAX_BLOCK))[:, 0]
-    value, offset = within.max(dim=-1)  # the first maximum on ties, as argmax
-    return offset.add_(block, alpha=_ARGMAX_BLOCK), value
+    array = logits.numpy()
+    choice = array.argmax(axis=1)
+    return torch.from_numpy(choice), torch.from_numpy(array[np.arange(len(choice)), choice])
 
 
-def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | RowFailedError]:
-    """Next token for each row of `logits` (B, V); greedy rows share one argmax.
+def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
+                 out: torch.Tensor | None = None) -> list[int | RowFailedError]:
+    """Next token for each row of `logits` (B, V); greedy rows share one argmax. With `out`
+    (B,), the chosen ids are also written there (a failed row's is its argmax), on the device.
 
     A row whose logits are not finite (a damaged adapter) or whose sampling raises gets a
     RowFailedError in its place; the other rows are unaffected.
     """
     choice, best = row_argmax(logits)
+    if out is not None:
+        out.copy_(choice)
+    picked = choice.tolist()
     # argmax picks a NaN or +inf when a row has one, so the picked logit alone tells whether
     # the row is finite: no second pass over (B, V).
-    picked = choice.tolist()
     finite = [math.isfinite(value) for value in best.tolist()]
-    tokens: list[int | RowFailedError] = picked
     special = [i for i, row in enumerate(rows) if not (row.plain_greedy and finite[i])]
     if not special:
-        return tokens  # the common case: every row took the argmax and keeps no history
+        return picked  # the common case: every row took the argmax and keeps no history
+    tokens: list[int | RowFailedError] = list(picked)
     # The rows' generators and seen ids live on the CPU; one copy serves every such row.
     host = logits.float().cpu()
     for index in special:
-        tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
+        tokens[index] = _choose_alone(rows[index], host[index], finite[index])
     for row, token in zip(rows, tokens, strict=True):
         if row.tracks_seen and isinstance(token, int):
             row.observe(token)
+    if out is not None:
+        ids = [t if isinstance(t, int) else p for t, p in zip(tokens, picked, strict=True)]
+        out.copy_(torch.tensor(ids))
     return tokens
 
 

@@ -8,11 +8,12 @@ at admission (vLLM's `max_loras`): one whose adapter is not resident stays waiti
 never holds more distinct adapters than there are slots, and nobody fails for want of a slot.
 `update_from_output(plan, tokens)` appends each row's sampled token, decides who finished
 (end-of-sequence, length) and returns per-row outputs for the engine to emit.
-Only `add` is called from other threads; everything else runs on the engine thread.
+Only `add` and `note_cancel` are called from other threads; the rest runs on the engine thread.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -76,6 +77,11 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._wanted: Counter[str] = Counter()  # adapter keys of waiting requests
         self.running: list[Request] = []
+        # Rows are looked at for an abort only after a cancel was noted or once the earliest
+        # deadline among them may have passed: most steps have neither, and 64 rows' checks
+        # would cost a tenth of the engine's own time per step.
+        self._cancel_noted = False
+        self._earliest_deadline = math.inf
 
     @property
     def num_waiting(self) -> int:
@@ -96,6 +102,9 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request (any thread); QueueFullError at once when `max_queue` wait already."""
+        request.stop_ids = frozenset() if request.sampling.ignore_eos else self.eos_token_ids
+        request.token_limit = min(request.sampling.max_new_tokens,
+                                  self.max_context - request.prompt_len)
         with self._lock:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(
@@ -124,6 +133,10 @@ class Scheduler:
                 for request in taken:
                     self._forget_wanted(request)
         return taken
+
+    def note_cancel(self) -> None:
+        """A caller cancelled a request (any thread): the next step looks at every row."""
+        self._cancel_noted = True
 
     def drop_aborted_waiting(self) -> list[Request]:
         """Finish (as cancelled) waiting requests whose caller cancelled or whose deadline
@@ -159,6 +172,8 @@ class Scheduler:
                     continue
                 self._forget_wanted(request)
                 admitted.append(request)
+                if request.spec.deadline is not None:
+                    self._earliest_deadline = min(self._earliest_deadline, request.spec.deadline)
                 budget -= request.prompt_len
                 room -= 1
             self._waiting = kept
@@ -181,7 +196,10 @@ class Scheduler:
         """Finish (as cancelled) rows of `plan` whose caller left or whose deadline passed
         while the step ran; their tokens from this step are discarded."""
         now = time.monotonic()
-        aborted = [r for r in plan.rows if not r.status.is_finished and r.abort_requested(now)]
+        if not self._cancel_noted and now < self._earliest_deadline:
+            return []
+        self._cancel_noted = False  # before looking: a cancel from now on is seen next step
+        aborted = [r for r in plan.rows if r.abort_requested(now) and not r.status.is_finished]
         for request in aborted:
             request.status = RequestStatus.FINISHED_CANCELLED
         return aborted
@@ -196,37 +214,36 @@ class Scheduler:
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
         outputs = []
+        append = outputs.append
         someone_left = False  # most steps nobody finishes: keep `running` as it is then
-        eos_ids = self.eos_token_ids
+        finished = RequestStatus.FINISHED_STOPPED
         for request in plan.rows:
-            if request.status.is_finished:  # aborted while the step ran
+            if request.status >= finished:  # aborted while the step ran
                 someone_left = True
                 continue
             token = tokens[request]
             if isinstance(token, BaseException):
                 request.status = RequestStatus.FINISHED_ERROR
-                outputs.append(RowOutput(request, -1, False, token))
+                append(RowOutput(request, -1, False, token))
                 someone_left = True
                 continue
-            is_eos = token in eos_ids and not request.sampling.ignore_eos
-            request.num_output_tokens += 1
-            status = self._status_after(request, is_eos)
-            request.status = status
-            someone_left = someone_left or status is not RequestStatus.RUNNING
-            outputs.append(RowOutput(request, token, is_eos))
+            produced = request.num_output_tokens = request.num_output_tokens + 1
+            if token in request.stop_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                append(RowOutput(request, token, True))
+                someone_left = True
+            elif produced >= request.token_limit:
+                request.status = RequestStatus.FINISHED_LENGTH
+                append(RowOutput(request, token, False))
+                someone_left = True
+            else:
+                append(RowOutput(request, token, False))
         if someone_left:
             self.running = [r for r in self.running if not r.status.is_finished]
+            self._earliest_deadline = min(
+                (r.spec.deadline for r in self.running if r.spec.deadline is not None),
+                default=math.inf)
         return outputs
-
-    def _status_after(self, request: Request, is_eos: bool) -> RequestStatus:
-        if is_eos:
-            return RequestStatus.FINISHED_STOPPED
-        produced = request.num_output_tokens
-        if produced >= request.sampling.max_new_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.prompt_len + produced >= self.max_context:
-            return RequestStatus.FINISHED_LENGTH
-        return RequestStatus.RUNNING
 
     def take_running(self) -> list[Request]:
         """Remove and return every running request (shutdown)."""

@@ -9,7 +9,8 @@ to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapte
 
 Parts, each in its own file: `server.scheduler` (who runs; adapters admitted only when
 resident), `runner` (the forward and sampling over persistent buffers), `kv` (slots of the KV
-cache), `graphs` (CUDA graph capture), `loader` (adapter reads off this thread).
+cache), `graphs` (CUDA graph capture), `loader` (adapter reads off this thread); on the CPU a
+4-bit base calls its kernels directly (`server.cpu4bit`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from server.adapter_cache import (
     LoadedAdapterInfo,
     read_adapter,
 )
+from server.cpu4bit import use_direct_cpu_kernels
 from server.engine.loader import AdapterLoader, LoadDone
 from server.engine.runner import ModelRunner, RunnerConfig
 from server.engine_config import EngineConfig
@@ -125,6 +127,7 @@ class Engine:
         native = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.max_context = self.config.context_for(native)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        use_direct_cpu_kernels(model)  # before the LoRA wrappers see the layers
         cache = self.config.cache
         slots = cache.max_loaded_adapters + 1  # slot 0 is the bare base
         self.stack = LoraStack(model, slots, cache.max_lora_rank)
@@ -209,6 +212,10 @@ class Engine:
     def _wake(self) -> None:
         self._inbox.put(_WAKE)
 
+    def _on_cancel(self) -> None:
+        self.scheduler.note_cancel()
+        self._wake()
+
     # -- public, thread-safe -----------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -227,7 +234,7 @@ class Engine:
         sampling = request.sampling.with_default_length(self.config.default_max_new_tokens)
         output = OutputProcessor(self.tokenizer, request.prompt_ids, sampling.stop)
         handle = RequestHandle(request.request_id, output, len(request.prompt_ids),
-                               on_cancel=self._wake)
+                               on_cancel=self._on_cancel)
         entry = Request(spec=request, handle=handle, sampling=sampling,
                         sampler=RowSampler.create(sampling, request.prompt_ids))
         self.scheduler.add(entry)
@@ -480,23 +487,21 @@ class Engine:
     # -- engine thread: events ---------------------------------------------------------------
 
     def _emit(self, outputs: list[RowOutput], aborted: list[Request]) -> None:
-        produced: Counter[str | None] = Counter()
-        counting = self._hooks.on_tokens
+        running = RequestStatus.RUNNING
         for request, token_id, is_eos, error in outputs:
-            if error is not None:
-                self._release(request)
-                request.handle.push_error(error)
-                continue
-            if counting:
-                produced[request.spec.adapter] += 1
-            if request.status.is_finished:
-                self._release(request)
-                request.handle.push_token(token_id, is_eos, request.finish_reason)
-            else:
+            if request.status is running:  # the common case: one token, nothing else
                 request.handle.push_token(token_id, is_eos, None)
+                continue
+            self._release(request)
+            if error is not None:
+                request.handle.push_error(error)
+            else:
+                request.handle.push_token(token_id, is_eos, request.finish_reason)
         self._emit_cancelled(aborted)
-        for adapter, count in produced.items():
-            self._notify("on_tokens", adapter, count)
+        if self._hooks.on_tokens:
+            produced = Counter(r.spec.adapter for r, _, _, error in outputs if error is None)
+            for adapter, count in produced.items():
+                self._notify("on_tokens", adapter, count)
 
     def _emit_cancelled(self, requests: list[Request]) -> None:
         for request in requests:

@@ -113,13 +113,12 @@ class ModelRunner:
     def prefill(self, joining: Sequence[Request]) -> dict[Request, int | BaseException]:
         """Put `joining` in rows [n, n + N) and run their prompts; their first tokens."""
         first, count = len(self.rows), len(joining)
-        prompts = [list(r.spec.prompt_ids) for r in joining]
-        lengths = [len(p) for p in prompts]
+        lengths = [len(r.spec.prompt_ids) for r in joining]
         width = max(lengths)
-        ids = torch.full((count, width), self.pad_id, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        ids = ids.to(self.device)
+        # One tensor from padded lists: a copy per row would cost a torch call each.
+        padded = [[*r.spec.prompt_ids, *[self.pad_id] * (width - n)]
+                  for r, n in zip(joining, lengths, strict=True)]
+        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
         prompt_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         self.stack.route([r.slot for r in joining])
         self._routed = False
@@ -165,19 +164,27 @@ class ModelRunner:
     # -- rows leaving ------------------------------------------------------------------------
 
     def release_finished(self) -> None:
-        """Drop finished rows; the last row moves into each hole, so rows stay packed."""
+        """Drop finished rows; the last live row moves into each hole, so rows stay packed."""
+        before = len(self.rows)
         i = 0
         while i < len(self.rows):
             if not self.rows[i].status.is_finished:
                 i += 1
                 continue
+            self._drop_finished_tail()  # finished rows at the end need no move
             last = len(self.rows) - 1
-            if i != last:
+            if i < last:
                 self._move_row(last, i)
-            self._clear_row(last)
+                self.rows.pop()
+                self._host_lengths.pop()
+        if len(self.rows) < before:
+            self._clear_rows(len(self.rows), before)
+            self._routed = False
+
+    def _drop_finished_tail(self) -> None:
+        while self.rows and self.rows[-1].status.is_finished:
             self.rows.pop()
             self._host_lengths.pop()
-            self._routed = False
 
     def _move_row(self, source: int, target: int) -> None:
         self.kv.move_row(source, target, self._host_lengths[source])
@@ -186,18 +193,17 @@ class ModelRunner:
         self.rows[target] = self.rows[source]
         self._host_lengths[target] = self._host_lengths[source]
 
-    def _clear_row(self, row: int) -> None:
+    def _clear_rows(self, start: int, end: int) -> None:
         # A free row still runs in a padded CUDA graph bucket: keep its write in bounds
         # (column 0) and its LoRA on the bare base.
-        self.lengths[row] = 0
-        self.slots[row] = 0
-        self.next_ids[row] = self.pad_id
+        self.lengths[start:end] = 0
+        self.slots[start:end] = 0
+        self.next_ids[start:end] = self.pad_id
 
     def drop_all(self) -> list[Request]:
         """Forget every row (a failed step or shutdown); return their requests."""
         rows = self.rows
-        for row in range(len(rows)):
-            self._clear_row(row)
+        self._clear_rows(0, len(rows))
         self.rows, self._host_lengths, self._routed = [], [], False
         return rows
 
@@ -218,10 +224,9 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[Request],
                 first_row: int) -> dict[Request, int | BaseException]:
-        """Pick each row's token; write the good ones where the next decode reads them."""
-        tokens = sample_batch(logits, [r.sampler for r in rows])
-        good = [t if isinstance(t, int) else self.pad_id for t in tokens]
-        self.next_ids[first_row : first_row + len(rows)] = torch.tensor(good, device=self.device)
+        """Pick each row's token, written where the next decode reads it."""
+        ids = self.next_ids[first_row : first_row + len(rows)]
+        tokens = sample_batch(logits, [r.sampler for r in rows], out=ids)
         return dict(zip(rows, tokens, strict=True))
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,8 @@ def test_a_stop_string_frees_the_engine_row_at_the_next_step():
     def make_request(rid: str, stop: tuple[str, ...]) -> Request:
         params = SamplingParams(max_new_tokens=20, stop=stop)
         return Request(spec=GenerationRequest(rid, PROMPT, None, params),
-                       handle=make_handle(stop), sampling=params, sampler=None)
+                       handle=make_handle(stop, on_cancel=scheduler.note_cancel),
+                       sampling=params, sampler=None)
 
     request, other = make_request("r", ("END",)), make_request("o", ())
     scheduler.add(request)
@@ -247,6 +248,44 @@ def test_a_reader_waits_for_tokens_pushed_from_another_thread():
     deltas, finish = read(handle)
     thread.join()
     assert deltas == ["h", "e", "y"] and finish.text == "hey"
+
+
+def push_right_after_the_readers_first_look(handle: RequestHandle) -> None:
+    """Make the engine push just after the reader found nothing and before it announced that
+    it sleeps: the one moment a push that skips the lock could be missed."""
+    look = handle._next_ready
+    pushed = []
+
+    def look_then_push():
+        event = look()
+        if event is None and not pushed:
+            pushed.append(True)
+            handle.push_token(ord("x"), False, "length")
+        return event
+
+    handle._next_ready = look_then_push
+
+
+def test_a_push_racing_a_thread_going_to_sleep_still_reaches_it():
+    handle = make_handle()
+    push_right_after_the_readers_first_look(handle)
+    results = []
+    reader = threading.Thread(target=lambda: results.append(read(handle)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the reader slept through a push"
+    assert results[0][1].text == "x"
+
+
+def test_a_push_racing_a_task_going_to_sleep_still_reaches_it():
+    handle = make_handle()
+    push_right_after_the_readers_first_look(handle)
+
+    async def collect() -> list:
+        return [event async for event in handle]
+
+    *_, finish = asyncio.run(asyncio.wait_for(collect(), timeout=10))
+    assert finish.text == "x"
 
 
 def test_async_iteration_reads_the_same_events():

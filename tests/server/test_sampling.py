@@ -9,6 +9,7 @@ import torch
 
 from common.modeling import load_tokenizer
 from server.detokenize import IncrementalDetokenizer
+from server.errors import RowFailedError
 from server.sampling import (
     RowSampler,
     SamplingParams,
@@ -46,7 +47,19 @@ def test_greedy_rows_take_the_argmax():
     assert sample_batch(logits, _rows(3)) == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("vocab", [4096, 1000])  # blocks of 64, and the plain fallback
+def test_the_chosen_ids_are_also_written_where_the_next_step_reads_them():
+    logits = torch.randn(4, 50)
+    logits[2, 7] = float("nan")  # this row fails; the others keep their tokens
+    rows = [*_rows(2), *_rows(1), *_rows(1, temperature=1.0, top_k=1)]
+    out = torch.full((4,), -1, dtype=torch.long)
+    tokens = sample_batch(logits, rows, out=out)
+    argmax = logits.argmax(-1).tolist()
+    assert tokens[:2] == argmax[:2] and tokens[3] == argmax[3]
+    assert isinstance(tokens[2], RowFailedError)
+    assert out.tolist() == argmax  # a failed row never runs again: any valid id will do
+
+
+@pytest.mark.parametrize("vocab", [4096, 1000])
 def test_row_argmax_is_torch_argmax_with_ties_nan_and_inf(vocab):
     torch.manual_seed(0)
     logits = torch.randint(-3, 4, (9, vocab)).float()  # many tied maxima per row

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,13 +56,14 @@ class FakeResidency:
 
 
 def make_request(rid: str, prompt_len: int = 3, adapter: str | None = None,
-                 deadline: float | None = None, **sampling) -> Request:
+                 deadline: float | None = None, on_cancel=None, **sampling) -> Request:
     sampling.setdefault("max_new_tokens", 8)
     params = SamplingParams(**sampling)
     prompt = [ord("a")] * prompt_len
     path = Path("/adapters") / adapter if adapter is not None else None
     spec = GenerationRequest(rid, prompt, adapter, params, deadline, adapter_path=path)
-    handle = RequestHandle(rid, OutputProcessor(CharDecoder(), prompt, params.stop), prompt_len)
+    handle = RequestHandle(rid, OutputProcessor(CharDecoder(), prompt, params.stop), prompt_len,
+                           on_cancel=on_cancel)
     return Request(spec=spec, handle=handle, sampling=params, sampler=None)
 
 
@@ -226,14 +226,16 @@ def test_cancelled_and_expired_waiting_requests_leave_before_the_next_step():
 
 def test_cancelled_and_expired_running_requests_leave_at_the_next_step():
     scheduler = make_scheduler()
-    cancelled = make_request("cancelled")
-    expiring = make_request("expiring", deadline=time.monotonic() + 60)
-    other = make_request("other")
+    cancelled = make_request("cancelled", on_cancel=scheduler.note_cancel)
+    deadline = time.monotonic() + 0.05
+    expiring = make_request("expiring", deadline=deadline)
+    other = make_request("other", deadline=deadline + 60)
     for request in (cancelled, expiring, other):
         scheduler.add(request)
     step(scheduler)
     cancelled.handle.cancel()
-    expiring.spec = replace(expiring.spec, deadline=time.monotonic() - 1)  # time passes
+    while time.monotonic() < deadline:  # until the deadline has passed
+        time.sleep(0.005)
     plan = scheduler.schedule()
     assert scheduler.abort_running(plan) == [cancelled, expiring]
     outputs = scheduler.update_from_output(plan, {r: ord("y") for r in plan.rows})
@@ -243,9 +245,33 @@ def test_cancelled_and_expired_running_requests_leave_at_the_next_step():
     assert scheduler.running == [other]
 
 
+def test_a_deadline_alone_ends_its_row_with_no_cancel_noted():
+    scheduler = make_scheduler()
+    deadline = time.monotonic() + 0.05
+    expiring, other = make_request("expiring", deadline=deadline), make_request("other")
+    for request in (expiring, other):
+        scheduler.add(request)
+    step(scheduler)
+    assert scheduler.abort_running(scheduler.schedule()) == []  # not yet
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert scheduler.abort_running(scheduler.schedule()) == [expiring]
+
+
+def test_a_cancel_is_seen_only_once_noted_as_the_engine_does():
+    scheduler = make_scheduler()
+    request = make_request("r")  # no on_cancel: its cancel never reaches the scheduler
+    scheduler.add(request)
+    step(scheduler)
+    request.handle.cancel()
+    assert scheduler.abort_running(scheduler.schedule()) == []
+    scheduler.note_cancel()
+    assert scheduler.abort_running(scheduler.schedule()) == [request]
+
+
 def test_a_request_cancelled_while_its_prefill_ran_never_runs():
     scheduler = make_scheduler()
-    request = make_request("r")
+    request = make_request("r", on_cancel=scheduler.note_cancel)
     scheduler.add(request)
     plan = scheduler.schedule()
     request.handle.cancel()

@@ -1,0 +1,53 @@
+"""The CPU 4-bit path: bitsandbytes' kernels called directly give its layers' numbers exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.modeling import load_base
+from server.cpu4bit import Cpu4bitLinear, Cpu4bitWeight, use_direct_cpu_kernels
+
+
+@pytest.fixture(scope="module")
+def base_4bit(tiny_base: Path) -> torch.nn.Module:
+    model, _ = load_base(str(tiny_base))
+    return model
+
+
+def test_every_projection_gives_the_layers_own_output_bit_for_bit(base_4bit):
+    import bitsandbytes as bnb
+
+    layers = [m for m in base_4bit.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) >= 7
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for layer in layers[:7]:  # one decoder layer: every projection shape
+            direct = Cpu4bitLinear(Cpu4bitWeight.of(layer))
+            for dtype in (torch.float32, torch.bfloat16):  # the compute dtype, and a cast
+                x = torch.randn(5, 3, layer.in_features, dtype=dtype)
+                assert torch.equal(direct(x), layer(x)), (layer, dtype)
+
+
+def test_the_swap_takes_every_cpu_4bit_layer_and_keeps_the_models_output(tiny_base: Path,
+                                                                          base_4bit):
+    import bitsandbytes as bnb
+
+    model, tokenizer = load_base(str(tiny_base))
+    footprint = model.get_memory_footprint()
+    count = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert use_direct_cpu_kernels(model) == count
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    # The packed weights are still counted, plus the scales unpacked once (4 bytes per 64).
+    assert footprint <= model.get_memory_footprint() <= footprint * 1.1
+    ids = torch.tensor([tokenizer.encode("How do adapters share one base model?")])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, base_4bit(input_ids=ids).logits)
+    assert use_direct_cpu_kernels(model) == 0  # nothing left to swap
+
+
+def test_other_layers_keep_their_own_forward():
+    assert Cpu4bitWeight.of(torch.nn.Linear(64, 64, bias=False)) is None  # not 4-bit
+    assert Cpu4bitWeight.of(torch.nn.LayerNorm(64)) is None
