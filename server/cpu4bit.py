@@ -19,8 +19,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Cpu4bitWeight:
-    """A CPU bitsandbytes 4-bit weight as `dequantized_linear` reads it: the packed NF4/FP4
-    codes, and the per-block scales already unpacked from their double quantization."""
+    """A CPU bitsandbytes 4-bit weight as `Cpu4bitLinear` reads it: the packed NF4/FP4 codes,
+    and the per-block scales already unpacked from their double quantization."""
 
     packed: torch.Tensor
     absmax: torch.Tensor  # (blocks,) float32
@@ -50,28 +50,24 @@ class Cpu4bitWeight:
         return cls(weight.data, absmax.float(), state, dtype)
 
 
-def dequantized_linear(x: torch.Tensor, weight: Cpu4bitWeight) -> torch.Tensor:
-    """x @ W^T with the kernels and the casts of Linear4bit's CPU forward (so its numbers)."""
-    state = weight.state
-    dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight.packed, weight.absmax, state.blocksize, state.quant_type, state.shape,
-        weight.dtype)
-    return torch.nn.functional.linear(x.to(weight.dtype), dense).to(x.dtype)
-
-
 class Cpu4bitLinear(nn.Module):
-    """A bias-free CPU 4-bit Linear that calls bitsandbytes' kernels directly."""
+    """A bias-free CPU 4-bit Linear that calls bitsandbytes' kernels directly, with the casts
+    of Linear4bit's own forward (so its numbers)."""
 
     def __init__(self, weight: Cpu4bitWeight) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.state.shape
-        self.weight_4bit = weight
+        self.blocksize, self.quant_type = weight.state.blocksize, weight.state.quant_type
+        self.compute_dtype = weight.dtype
         # Buffers, so the model's memory footprint still counts the packed weight and scales.
         self.register_buffer("packed", weight.packed, persistent=False)
         self.register_buffer("absmax", weight.absmax, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dequantized_linear(x, self.weight_4bit)
+        dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.packed, self.absmax, self.blocksize, self.quant_type,
+            (self.out_features, self.in_features), self.compute_dtype)
+        return nn.functional.linear(x.to(self.compute_dtype), dense).to(x.dtype)
 
 
 def use_direct_cpu_kernels(model: nn.Module) -> int:

@@ -29,6 +29,18 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+def _skip_the_unused_compiler() -> None:
+    """No torch.compile in the suite's processes: set before anything loads torch, inherited
+    by the subprocesses tests start."""
+    # bitsandbytes wraps its fallback kernels in torch.compile when it is imported, which loads
+    # torch's inductor: about 2 s of CPU in each of the suite's ~30 torch processes. Nothing
+    # here compiles (on the CPU bitsandbytes runs its own kernels), so dynamo stays off.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+_skip_the_unused_compiler()
+
+
 # The modules that hold a worker longest (seconds on 2 idle cores), queued first so that the two
 # xdist workers finish together (longest first) instead of one running a long module alone at the
 # end. The first needs no tiny base: its worker runs it while the other builds the base. Only an
@@ -37,7 +49,7 @@ LONGEST_FIRST = (
     "tests/trainer/test_smollm2.py", "tests/trainer/test_fit.py",
     "tests/clients/test_session_chat_cli.py", "tests/trainer/test_fit_ddp.py",
     "tests/server/test_session_durability.py", "tests/server/test_shutdown.py",
-    "tests/trainer/test_base.py", "tests/bench/test_bench_smoke.py", "tests/server/test_faults.py",
+    "tests/bench/test_bench_smoke.py", "tests/server/test_faults.py",
     "tests/trainer/test_fit_kill_resume.py", "tests/bench/test_soak_smoke.py",
 )
 
@@ -226,6 +238,36 @@ def sessions(channel):
     from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
     return pb_grpc.SessionServiceStub(channel)
+
+
+@pytest.fixture
+def run_bench(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, list[str]], str]:
+    """`run_bench("bench_engine", argv)`: a bench script's `main(argv)` run in this process
+    (which must return 0) and what it printed. Its imports (torch, transformers) are loaded
+    here already, where a subprocess would spend about 5 s of CPU loading them again; torch's
+    thread count, which the scripts set, is restored after."""
+    import contextlib
+    import importlib
+    import io
+
+    import torch
+
+    # The scripts import their siblings by name, as they do when run from bench/.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+
+    def run(script: str, argv: list[str]) -> str:
+        module = importlib.import_module(script)
+        threads = torch.get_num_threads()
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                code = module.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+        assert code == 0, printed.getvalue()[-3000:]
+        return printed.getvalue()
+
+    return run
 
 
 SERVER_START_TIMEOUT_S = 120.0

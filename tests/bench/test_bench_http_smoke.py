@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_http.py"
 
-
-def test_bench_http_smoke(tiny_base: Path, tmp_path: Path) -> None:
+def test_bench_http_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "http.json"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(tmp_path),
-         "--out", str(out), "--requests", "4", "--adapters", "2", "--min-tokens", "2",
-         "--max-tokens", "4", "--rounds", "1"],
-        check=True, timeout=300, capture_output=True, text=True,
-    )
+    printed = run_bench("bench_http", [
+        "--base", str(tiny_base), "--work", str(tmp_path), "--out", str(out), "--requests", "4",
+        "--adapters", "2", "--min-tokens", "2", "--max-tokens", "4", "--rounds", "1"])
     result = json.loads(out.read_text())
 
     assert {"machine", "rows", "runs", "table"} <= set(result)
@@ -34,4 +27,4 @@ def test_bench_http_smoke(tiny_base: Path, tmp_path: Path) -> None:
                                                           "HTTP vs gRPC, unary"]
     for row in result["table"]:
         assert row["ratio"] > 0 and row["cpu_ratio"] > 0 and row["target"] == ">= 0.9"
-    assert "HTTP vs gRPC, stream" in done.stdout
+    assert "HTTP vs gRPC, stream" in printed

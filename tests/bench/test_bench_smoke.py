@@ -1,26 +1,19 @@
-"""Smoke run of bench/bench_serving.py at minimal sizes: JSON keys present, numbers sane."""
+"""Smoke runs of bench/bench_serving.py and bench/bench_engine.py at minimal sizes: JSON keys
+present, numbers sane."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_serving.py"
-ENGINE_SCRIPT = SCRIPT.with_name("bench_engine.py")
 
-
-def test_bench_serving_smoke(tiny_base: Path, tmp_path: Path) -> None:
+def test_bench_serving_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "serving.json"
-    subprocess.run(
-        [sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(tmp_path),
-         "--out", str(out), "--requests", "4", "--adapters", "2", "--min-tokens", "2",
-         "--max-tokens", "4", "--mix-tokens", "4", "--rounds", "1", "--loads", "2",
-         "--swaps", "1", "--swap-requests", "2", "--streams", "2,3", "--stream-adapters", "2",
-         "--device", "cpu"],
-        check=True, timeout=120, capture_output=True, text=True,
-    )
+    run_bench("bench_serving", [
+        "--base", str(tiny_base), "--work", str(tmp_path), "--out", str(out), "--requests", "4",
+        "--adapters", "2", "--min-tokens", "2", "--max-tokens", "4", "--mix-tokens", "4",
+        "--rounds", "1", "--loads", "2", "--swaps", "1", "--swap-requests", "2", "--streams",
+        "2,3", "--stream-adapters", "2", "--device", "cpu"])
     result = json.loads(out.read_text())
 
     assert {"machine", "runs", "adapter_load", "hot_swap", "table", "summary", "streams",
@@ -42,15 +35,12 @@ def test_bench_serving_smoke(tiny_base: Path, tmp_path: Path) -> None:
     assert result["hot_swap"]["steady"]["p99_s"] > 0
 
 
-def test_bench_engine_smoke(tiny_base: Path, tmp_path: Path) -> None:
+def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
-    subprocess.run(
-        [sys.executable, str(ENGINE_SCRIPT), "--base", str(tiny_base), "--out", str(out),
-         "--requests", "4", "--adapters", "2", "--min-tokens", "2", "--max-tokens", "4",
-         "--mix-tokens", "4", "--rounds", "1", "--streams", "2,4", "--stream-adapters", "2",
-         "--device", "cpu"],
-        check=True, timeout=180, capture_output=True, text=True,
-    )
+    run_bench("bench_engine", [
+        "--base", str(tiny_base), "--out", str(out), "--requests", "4", "--adapters", "2",
+        "--min-tokens", "2", "--max-tokens", "4", "--mix-tokens", "4", "--rounds", "1",
+        "--streams", "2,4", "--stream-adapters", "2", "--device", "cpu"])
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["graph_capture_s"] is None
     assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [

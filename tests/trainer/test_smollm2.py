@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
 from trainer import base, smollm2
 from trainer.manifest import file_sha256
 
@@ -95,16 +94,23 @@ def test_recommended_fit_settings_ship_with_the_base(smol_base: Path) -> None:
 @pytest.mark.parametrize("quantize", ["nf4", "none"])
 def test_the_server_serves_it_and_answers_like_an_assistant(
         smol_base: Path, tmp_path: Path, quantize: str) -> None:
+    from clients.client import SwitchboardClient
+    from server.app import start_in_thread
+    from server.config import ServerConfig
+
     adapters = tmp_path / "adapters"
     adapters.mkdir()
-    # The model's own 8192-token window would make the preallocated KV cache gigabytes.
-    server = ServerProcess(smol_base, adapters, tmp_path / "sessions.db", tmp_path / "server.log",
-                           extra=("--context-length", "1024", "--max-batch", "4",
-                                  "--quantize", quantize)).wait_serving()
+    # In this process (the CLI's own start is tested on the tiny base); the model's own
+    # 8192-token window would make the preallocated KV cache gigabytes.
+    running = start_in_thread(ServerConfig.build(
+        base=str(smol_base), adapters_root=adapters, port=0, device="cpu",
+        sessions_db=tmp_path / "sessions.db", context_length=1024, max_batch=4,
+        quantize=quantize))
     try:
-        result = server.client.chat(CHAT, max_new_tokens=24, temperature=0.0)
+        with SwitchboardClient(f"127.0.0.1:{running.port}", retries=0) as client:
+            result = client.chat(CHAT, max_new_tokens=24, temperature=0.0)
     finally:
-        server.ensure_dead()
+        running.stop()
     assert "Paris" in result.text, result.text
 
 
