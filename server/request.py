@@ -139,7 +139,8 @@ class RequestHandle:
         self._output = output
         self._prompt_tokens = prompt_tokens
         self._on_cancel = on_cancel
-        # A plain flag (one store, atomic under the GIL): the engine reads it for every row.
+        # A plain flag (one store, atomic under the GIL): cheap for the engine to read across a
+        # whole batch once a cancel has been noted.
         self.cancelled = False
         self._cond = threading.Condition()
         # The engine appends without the lock (deque appends are thread-safe) and takes it only
