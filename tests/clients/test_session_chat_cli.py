@@ -111,8 +111,13 @@ def chats(target: str) -> dict[str, Chat]:
     }
     results = {}
     try:
+        # Every REPL gets its lines before any is read back, so the chats run at the same time
+        # (the lines and the replies fit the pipes' buffers).
+        for process in processes.values():
+            process.stdin.write(stdin)
+            process.stdin.flush()
         for strategy, process in processes.items():
-            out, err = process.communicate(stdin, timeout=300)
+            out, err = process.communicate(timeout=300)
             results[strategy] = Chat(strategy, process.returncode, out, err)
     finally:
         for process in processes.values():
