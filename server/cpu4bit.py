@@ -10,25 +10,29 @@ kernels are captured in graphs there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class Cpu4bitWeight:
-    """A CPU bitsandbytes 4-bit weight as `Cpu4bitLinear` reads it: the packed NF4/FP4 codes,
-    and the per-block scales already unpacked from their double quantization."""
+class Cpu4bitLinear(nn.Module):
+    """A bias-free CPU 4-bit Linear that calls bitsandbytes' kernels directly, with the casts
+    of Linear4bit's own forward (so its numbers): the packed NF4/FP4 codes, and the per-block
+    scales already unpacked from their double quantization."""
 
-    packed: torch.Tensor
-    absmax: torch.Tensor  # (blocks,) float32
-    state: Any  # bitsandbytes QuantState: blocksize, quant_type, shape
-    dtype: torch.dtype  # the layer's compute dtype
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, state: Any,
+                 compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = state.shape
+        self.blocksize, self.quant_type = state.blocksize, state.quant_type
+        self.compute_dtype = compute_dtype
+        # Buffers, so the model's memory footprint still counts the packed weight and scales.
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
 
     @classmethod
-    def of(cls, layer: nn.Module) -> Cpu4bitWeight | None:
+    def of(cls, layer: nn.Module) -> Cpu4bitLinear | None:
         """For a CPU Linear4bit with a compute dtype, no bias and no repacked weights; None for
         any other layer (which keeps its own forward)."""
         weight = getattr(layer, "weight", None)
@@ -49,20 +53,6 @@ class Cpu4bitWeight:
             ) + state.offset
         return cls(weight.data, absmax.float(), state, dtype)
 
-
-class Cpu4bitLinear(nn.Module):
-    """A bias-free CPU 4-bit Linear that calls bitsandbytes' kernels directly, with the casts
-    of Linear4bit's own forward (so its numbers)."""
-
-    def __init__(self, weight: Cpu4bitWeight) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.state.shape
-        self.blocksize, self.quant_type = weight.state.blocksize, weight.state.quant_type
-        self.compute_dtype = weight.dtype
-        # Buffers, so the model's memory footprint still counts the packed weight and scales.
-        self.register_buffer("packed", weight.packed, persistent=False)
-        self.register_buffer("absmax", weight.absmax, persistent=False)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = torch.ops.bitsandbytes.dequantize_4bit.default(
             self.packed, self.absmax, self.blocksize, self.quant_type,
@@ -74,11 +64,11 @@ def use_direct_cpu_kernels(model: nn.Module) -> int:
     """Swap every eligible CPU Linear4bit of `model` for a `Cpu4bitLinear`; return how many."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        weight = Cpu4bitWeight.of(module)
-        if weight is None:
+        direct = Cpu4bitLinear.of(module)
+        if direct is None:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Cpu4bitLinear(weight))
+        setattr(parent, child, direct)
         swapped += 1
     return swapped

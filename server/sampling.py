@@ -165,10 +165,12 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
     choice, best = row_argmax(logits)
     if out is not None:
         out.copy_(choice)
-    picked = choice.tolist()
     # argmax picks a NaN or +inf when a row has one, so the picked logit alone tells whether
     # the row is finite: no second pass over (B, V).
-    finite = [math.isfinite(value) for value in best.tolist()]
+    if choice.device.type == "cpu":
+        picked, finite = choice.tolist(), [math.isfinite(value) for value in best.tolist()]
+    else:  # one device-to-host copy (one sync) for both
+        picked, finite = torch.stack((choice, torch.isfinite(best).long())).tolist()
     special = [i for i, row in enumerate(rows) if not (row.plain_greedy and finite[i])]
     if not special:
         return picked  # the common case: every row took the argmax and keeps no history
@@ -176,7 +178,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
     # The rows' generators and seen ids live on the CPU; one copy serves every such row.
     host = logits.float().cpu()
     for index in special:
-        tokens[index] = _choose_alone(rows[index], host[index], finite[index])
+        tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
     for row, token in zip(rows, tokens, strict=True):
         if row.tracks_seen and isinstance(token, int):
             row.observe(token)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.modeling import load_base
-from server.cpu4bit import Cpu4bitLinear, Cpu4bitWeight, use_direct_cpu_kernels
+from server.cpu4bit import Cpu4bitLinear, use_direct_cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_every_projection_gives_the_layers_own_output_bit_for_bit(base_4bit):
     torch.manual_seed(0)
     with torch.inference_mode():
         for layer in layers[:7]:  # one decoder layer: every projection shape
-            direct = Cpu4bitLinear(Cpu4bitWeight.of(layer))
+            direct = Cpu4bitLinear.of(layer)
             for dtype in (torch.float32, torch.bfloat16):  # the compute dtype, and a cast
                 x = torch.randn(5, 3, layer.in_features, dtype=dtype)
                 assert torch.equal(direct(x), layer(x)), (layer, dtype)
@@ -49,5 +49,5 @@ def test_the_swap_takes_every_cpu_4bit_layer_and_keeps_the_models_output(tiny_ba
 
 
 def test_other_layers_keep_their_own_forward():
-    assert Cpu4bitWeight.of(torch.nn.Linear(64, 64, bias=False)) is None  # not 4-bit
-    assert Cpu4bitWeight.of(torch.nn.LayerNorm(64)) is None
+    assert Cpu4bitLinear.of(torch.nn.Linear(64, 64, bias=False)) is None  # not 4-bit
+    assert Cpu4bitLinear.of(torch.nn.LayerNorm(64)) is None
