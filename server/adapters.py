@@ -53,16 +53,12 @@ _SHOWN_CHARS = 80
 
 
 @dataclass(frozen=True)
-class AdapterVersion:
-    """One adapter directory on disk and what its manifest says."""
+class VersionRef:
+    """An adapter version by name and number; `key` is `name@version`, how requests, aliases
+    and the engine name it."""
 
     name: str
     version: int
-    path: Path
-    fingerprint: str
-    compatible: bool
-    created: str = ""
-    rank: int = 0
 
     @property
     def key(self) -> str:
@@ -70,17 +66,25 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
-class Alias:
-    """A name that points at one version."""
+class AdapterVersion(VersionRef):
+    """One adapter directory on disk and what its manifest says."""
+
+    path: Path
+    fingerprint: str
+    compatible: bool
+    created: str = ""
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Alias(VersionRef):
+    """A name that points at one version (`target`, its key)."""
 
     alias: str
-    name: str
-    version: int
 
     @property
     def target(self) -> str:
-        """The key of the version it points at, `name@version`."""
-        return version_key(self.name, self.version)
+        return self.key
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ class AdapterRegistry:
             if version is None:
                 log.warning("ignoring alias %r in %s: target needs a version", alias, path)
                 continue
-            aliases[alias] = Alias(alias, name, version)
+            aliases[alias] = Alias(name, version, alias)
         self._aliases = aliases
 
     def scan(self) -> None:
@@ -425,7 +429,7 @@ class AdapterRegistry:
             self._scan_aliases()
             previous = self._aliases.get(alias)
             updated = dict(self._aliases)
-            updated[alias] = Alias(alias, resolved.name, resolved.version)
+            updated[alias] = Alias(resolved.name, resolved.version, alias)
             move = AliasMove(alias, resolved.key, previous.target if previous else "", reason,
                              datetime.now(UTC).isoformat(timespec="milliseconds"))
             # History first, like a write-ahead log: a move that took effect is never missing
