@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--requests", type=int, default=16, help="concurrent streams")
     parser.add_argument("--adapters", type=int, default=4, help="adapters in (a) and (b)")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16,
+                        help="LoRA rank of the benchmark adapters (the issue-13 targets: 16)")
     parser.add_argument("--min-tokens", type=int, default=16,
                         help="(a)/(b): max_new_tokens spread from this ...")
     parser.add_argument("--max-tokens", type=int, default=128, help="... to this")

@@ -1,11 +1,14 @@
-"""Stacked multi-adapter LoRA math: every loaded adapter's A and B, gathered per row.
+"""Stacked multi-adapter LoRA math: every loaded adapter's A and B, in one tensor per layer.
 
 Each targeted Linear / Linear4bit of the base is wrapped once by `StackedLoraLinear`, which
-keeps the A and (scaled) B of every slot stacked in one tensor per layer. A forward gathers the
-rows' slices and runs two batched matmuls, so a step costs about the same whether its rows
-share one adapter or use sixteen (the BGMV idea of Punica and S-LoRA, in plain torch). Slot 0
-is all zeros: the bare base. Ranks are padded with zeros to `max_rank`; a forward only uses the
-largest rank among its rows. `LoraStack` owns the wrappers and the `LoraContext` they read.
+keeps the A and (scaled) B of every slot stacked. A forward either gathers the rows' slices and
+runs two batched matmuls (the BGMV idea of Punica and S-LoRA, in plain torch), or, for a batch
+with at least half as many rows as there are slots, multiplies by every slot at once and keeps
+each row's own slot with a one-hot mask: that reads each slot's weights once instead of copying
+them per row. Either way a step costs about the same whether its rows share one adapter or use
+sixteen. Slot 0 is all zeros: the bare base. Ranks are padded with zeros to `max_rank`; a
+forward only uses the rank its context names. `LoraStack` owns the wrappers and the
+`LoraContext` they read.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class LoraContext:
 
     `version` changes whenever the routing or any slot's weights change, so layers can keep
     their gathered slices across decode steps of an unchanged batch. Inside a CUDA graph no
-    Python runs at replay, so there `cache_gathers` is off and every forward gathers afresh
-    from the static `slots` tensor.
+    Python runs at replay, so there `cache_gathers` is off and every forward reads the static
+    `slots` tensor afresh; `select` is then each row's one-hot slot mask when the layers
+    multiply by every slot at once (None: they gather).
     """
 
     def __init__(self) -> None:
@@ -48,11 +52,14 @@ class LoraContext:
         self.rank = 0
         self.version = 0
         self.cache_gathers = True
+        self.select: torch.Tensor | None = None  # (B, S) in the compute dtype
 
-    def set(self, slots: torch.Tensor | None, rank: int, *, cache_gathers: bool = True) -> None:
+    def set(self, slots: torch.Tensor | None, rank: int, *, cache_gathers: bool = True,
+            select: torch.Tensor | None = None) -> None:
         self.slots = slots if rank > 0 else None
         self.rank = rank
         self.cache_gathers = cache_gathers
+        self.select = select
         self.version += 1
 
 
@@ -79,13 +86,14 @@ class StackedLoraLinear(nn.Module):
         self.context = context
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        # Rank in dim 1, so a rank prefix is one slice: A (S, R, in), B^T (S, R, out).
+        # Rank first, so a rank prefix is contiguous and flattens to one (r * S, features)
+        # matrix for the all-slots product: A (R, S, in), B^T (R, S, out).
         self.register_buffer(
-            "lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+            "lora_a", torch.zeros(max_rank, num_slots, self.in_features, dtype=dtype, device=device)
         )
         self.register_buffer(
             "lora_bt",
-            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
+            torch.zeros(max_rank, num_slots, self.out_features, dtype=dtype, device=device),
         )
         self._gathered_version = -1
         self._a_rows: torch.Tensor | None = None
@@ -93,48 +101,67 @@ class StackedLoraLinear(nn.Module):
 
     def install(self, slot: int, weights: LoraWeights | None) -> None:
         """Write one slot (zeros beyond the adapter's rank; all zeros when `weights` is None)."""
-        self.lora_a[slot].zero_()
-        self.lora_bt[slot].zero_()
+        self.lora_a[:, slot].zero_()
+        self.lora_bt[:, slot].zero_()
         if weights is not None:
             r = weights.rank
-            self.lora_a[slot, :r].copy_(weights.a)
+            self.lora_a[:r, slot].copy_(weights.a)
             # Fold alpha/r into B once, so the forward needs no per-row scaling.
-            self.lora_bt[slot, :r].copy_(weights.b.t() * weights.scaling)
+            self.lora_bt[:r, slot].copy_(weights.b.t() * weights.scaling)
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.context
         if not ctx.cache_gathers:
             return self._gathered(ctx)
         if self._gathered_version != ctx.version:
-            # Per-row slices of the stacks, gathered once per batch layout, not once per step.
-            self._a_rows, self._bt_rows = self._gathered(ctx)
+            # Per-row slices of the stacks, gathered once per batch layout, not once per step;
+            # made contiguous then, since the CPU's bmm would copy strided operands every step.
+            a_rows, bt_rows = self._gathered(ctx)
+            self._a_rows, self._bt_rows = a_rows.contiguous(), bt_rows.contiguous()
             self._gathered_version = ctx.version
         return self._a_rows, self._bt_rows
 
     def _gathered(self, ctx: LoraContext) -> tuple[torch.Tensor, torch.Tensor]:
         r = ctx.rank
         # Slice the rank before gathering, so only r of max_rank rows are copied.
-        a_rows = self.lora_a[:, :r].index_select(0, ctx.slots)  # (B, r, in)
-        bt_rows = self.lora_bt[:, :r].index_select(0, ctx.slots)  # (B, r, out)
-        return a_rows.transpose(1, 2).contiguous(), bt_rows  # (B, in, r): bmm-ready
+        a_rows = self.lora_a[:r].index_select(1, ctx.slots)  # (r, B, in)
+        bt_rows = self.lora_bt[:r].index_select(1, ctx.slots)  # (r, B, out)
+        return a_rows.permute(1, 2, 0), bt_rows.transpose(0, 1)  # (B, in, r), (B, r, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.context.slots is None:
+        ctx = self.context
+        if ctx.slots is None:
             return result
-        if x.shape[0] != self.context.slots.shape[0]:
+        if x.shape[0] != ctx.slots.shape[0]:
             raise ValueError(
-                f"LoRA routing has {self.context.slots.shape[0]} rows but the batch has "
-                f"{x.shape[0]}"
+                f"LoRA routing has {ctx.slots.shape[0]} rows but the batch has {x.shape[0]}"
             )
+        if x.dtype != self.lora_a.dtype:
+            x = x.to(self.lora_a.dtype)
+        if ctx.select is not None:
+            return self._all_slots(x, result, ctx.select, ctx.rank)
         a_rows, bt_rows = self._gather()
-        if x.dtype != a_rows.dtype:
-            x = x.to(a_rows.dtype)
         h = torch.bmm(x, a_rows)  # (B, T, in) @ (B, in, r) -> (B, T, r)
         if result.dtype == h.dtype:
             # result + h @ B^T in one kernel: (B, T, r) @ (B, r, out) -> (B, T, out)
             return torch.baddbmm(result, h, bt_rows)
         return result + torch.bmm(h, bt_rows).to(result.dtype)
+
+    def _all_slots(self, x: torch.Tensor, result: torch.Tensor, select: torch.Tensor,
+                   r: int) -> torch.Tensor:
+        """result + B[s] A[s] x for each row's slot s, as x through every slot, masked."""
+        slots = self.lora_a.shape[1]
+        a = self.lora_a[:r].view(r * slots, self.in_features)
+        bt = self.lora_bt[:r].view(r * slots, self.out_features)
+        batch, tokens = x.shape[:2]
+        h = torch.mm(x.reshape(batch * tokens, self.in_features), a.t())  # (B*T, r*S)
+        h = h.view(batch, tokens * r, slots).mul_(select[:, None, :]).view(-1, r * slots)
+        if result.dtype == h.dtype and result.is_contiguous():
+            # result + h @ B^T in one kernel: in a CUDA graph step at small batches, each
+            # kernel costs its launch more than its arithmetic.
+            return torch.addmm(result.view(-1, self.out_features), h, bt).view(result.shape)
+        return result + (h @ bt).view(result.shape).to(result.dtype)
 
 
 def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -218,10 +245,27 @@ class LoraStack:
             index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
         self.context.set(index, rank)
 
-    def route_static(self, index: torch.Tensor) -> None:
-        """Route from a static slots tensor at full rank, gathering every forward (for CUDA
-        graph capture: the replay reads whatever `index` holds then)."""
-        self.context.set(index, self.max_rank, cache_gathers=False)
+    def route_static(self, index: torch.Tensor, rank: int) -> None:
+        """Route from a static slots tensor at `rank`, reading it every forward (for CUDA graph
+        capture: the replay reads whatever `index` holds then; see `refresh_static`)."""
+        select = None
+        if 2 * index.shape[0] >= self.num_slots:
+            # Enough rows that reading every slot once beats copying one slice per row.
+            select = torch.zeros(index.shape[0], self.num_slots, dtype=self._dtype,
+                                 device=index.device)
+        self.context.set(index, rank, cache_gathers=False, select=select)
+
+    def refresh_static(self) -> None:
+        """Recompute the one-hot slot mask from the static slots, in place (part of each
+        captured step, so a replay masks with the slots the rows hold then)."""
+        ctx = self.context
+        if ctx.select is not None and ctx.slots is not None:
+            ctx.select.zero_().scatter_(1, ctx.slots[:, None], 1.0)
+
+    @property
+    def installed_rank(self) -> int:
+        """The largest rank of any adapter installed now (0 when none is)."""
+        return max(self._slot_ranks)
 
 
 def _compute_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -158,21 +158,28 @@ class Engine:
         if self._graphs_wanted():
             from server.engine.graphs import DecodeGraphs
 
-            graphs = DecodeGraphs(self.runner)
-            try:
-                with torch.inference_mode():
-                    self.graph_capture_seconds = graphs.capture()
-            except Exception:
-                if self.config.cuda_graphs:  # asked for explicitly: a failure is an error
-                    raise
-                # On by default only: serve eagerly (slower, same tokens) rather than not at all.
-                log.exception("CUDA graph capture failed; decoding eagerly instead")
-            else:
-                self.runner.graphs = graphs
-                log.info("captured %d CUDA graphs (batch %s) in %.1fs", len(graphs.buckets),
-                         graphs.buckets, self.graph_capture_seconds)
+            self._capture(DecodeGraphs(self.runner))
         self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
         self._thread.start()
+
+    def _capture(self, graphs: Any) -> None:
+        """Capture (or capture again) the decode graphs; eager decode if that fails."""
+        self.runner.graphs = None
+        try:
+            with torch.inference_mode():
+                self.graph_capture_seconds = graphs.capture()
+        except Exception:
+            if self.config.cuda_graphs:  # asked for explicitly: a failure is an error
+                raise
+            # On by default only: serve eagerly (slower, same tokens) rather than not at all.
+            log.exception("CUDA graph capture failed; decoding eagerly instead")
+            self.graph_capture_seconds = None
+            self.runner.forget_routing()
+        else:
+            self.runner.graphs = graphs
+            log.info("captured %d CUDA graphs (batch %s x width %s, LoRA rank %d) in %.1fs",
+                     len(graphs), graphs.buckets, graphs.widths, graphs.rank,
+                     self.graph_capture_seconds)
 
     def _graphs_wanted(self) -> bool:
         on_cuda = self.runner.device.type == "cuda"
@@ -371,6 +378,11 @@ class Engine:
         except BaseException:
             self.cache.release_slot(slot)
             raise
+        graphs = self.runner.graphs
+        if graphs is not None and graphs.wanted_rank() > graphs.rank:
+            log.info("adapter %s has rank %d, above the CUDA graphs' %d: capturing again",
+                     key, weights.rank, graphs.rank)
+            self._capture(graphs)
         seconds = time.perf_counter() - started
         self.cache.add(key, slot, weights.rank, memory, seconds)
         self._notify("on_adapter_loaded", key, seconds, memory)

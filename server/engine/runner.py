@@ -82,7 +82,7 @@ class ModelRunner:
         n = len(self.rows)
         started = time.perf_counter()
         if self.graphs is not None and self.graphs.covers(n):
-            logits = self.graphs.replay(n)
+            logits = self.graphs.replay(n, max(self._host_lengths) + 1)
         else:
             logits = self._decode_eager(n)
         self.forward_seconds += time.perf_counter() - started
@@ -107,6 +107,11 @@ class ModelRunner:
             attention_mask=self._mask(allowed[:, None, None, :]), cache=self.kv, use_cache=True,
         ).last_hidden_state  # (n, 1, hidden)
         return self.lm_head(hidden)[:, -1].float()  # (n, V)
+
+    def forget_routing(self) -> None:
+        """The LoRA context was changed behind the runner's back (a graph capture): route
+        again before the next eager forward."""
+        self._routed = False
 
     # -- prefill -----------------------------------------------------------------------------
 

@@ -84,6 +84,25 @@ def test_mixed_batch_rows_equal_single_adapter_runs(stacked, peft_model, ids):
     assert not torch.allclose(singles[1], singles[0]) and not torch.allclose(singles[2], singles[1])
 
 
+def test_every_slot_at_once_under_a_mask_equals_gathering_each_row(stacked, ids):
+    """The CUDA graphs' form (a static slots tensor, a one-hot mask recomputed in the step,
+    the graphs' rank) gives the gathered form's logits, for 12 rows over 3 slots."""
+    stack, _ = stacked
+    slots = [0, 1, 2, 2, 1, 0, 1, 1, 2, 0, 0, 2]
+    batch = ids.repeat(len(slots), 1)
+    gathered = _logits(stack, batch, slots)
+    static = torch.zeros(len(slots), dtype=torch.long)
+    stack.route_static(static, MAX_RANK)
+    assert stack.context.select is not None  # 12 rows, 20 slots: the all-slots form
+    static.copy_(torch.tensor(slots))  # what a replay sees: slots written after the capture
+    stack.refresh_static()
+    with torch.inference_mode():
+        masked = stack.model(input_ids=batch).logits.float()
+    torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-5)
+    stack.route_static(static[:2], MAX_RANK)
+    assert stack.context.select is None  # 2 rows: gathering copies less
+
+
 def test_routing_is_checked_before_the_forward(stacked, ids):
     stack, _ = stacked
     with pytest.raises(ValueError, match=r"no adapter installed: \[7\]"):
@@ -111,9 +130,9 @@ def test_reinstalling_a_slot_clears_modules_the_new_adapter_does_not_target(stac
         if not isinstance(module, StackedLoraLinear):
             continue
         if name in q_only:  # rank 4 in slot 3, zeros past it (padding to max_rank)
-            assert module.lora_a[3, :4].any() and not module.lora_a[3, 4:].any()
+            assert module.lora_a[:4, 3].any() and not module.lora_a[4:, 3].any()
         else:
-            assert not module.lora_a[3].any() and not module.lora_bt[3].any()
+            assert not module.lora_a[:, 3].any() and not module.lora_bt[:, 3].any()
 
 
 def test_step_cost_barely_depends_on_the_adapter_mix(stacked, ids):
