@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from server_zygote import Zygote
 
 
 def _share_the_cores() -> None:
@@ -282,24 +283,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+_ZYGOTE = Zygote()
+
+
 class ServerProcess:
-    """`python -m server.cli serve` in a subprocess on port 0, its output appended to `log`;
-    `wait_serving` reads the port from its "ready on" line, written once health is SERVING."""
+    """`python -m server.cli serve` in its own process on port 0, its output appended to `log`;
+    `wait_serving` reads the port from its "ready on" line, written once health is SERVING. The
+    process is forked from a zygote that has the heavy imports done (tests/server_zygote.py);
+    test_app's CLI test starts the real executable."""
 
     def __init__(self, base: Path, adapters: Path, db: Path, log: Path,
                  grace: float = 1.0, extra: tuple[str, ...] = ()) -> None:
-        import subprocess
-        import sys
-
         self.log = log
         self.offset = log.stat().st_size if log.exists() else 0
         self.port = 0
-        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
-                "--adapters-root", str(adapters), "--port", "0", "--device", "cpu",
-                "--sessions-db", str(db), "--shutdown-grace-seconds", str(grace), *extra]
-        with log.open("a") as sink:
-            self.process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1],
-                                            stdout=sink, stderr=sink)
+        argv = ["serve", "--base", str(base), "--adapters-root", str(adapters), "--port", "0",
+                "--device", "cpu", "--sessions-db", str(db), "--shutdown-grace-seconds",
+                str(grace), *extra]
+        self.process = _ZYGOTE.spawn(argv, log)
         self._client = self._channel = None
 
     @property
