@@ -19,9 +19,10 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "templates" / "switchboard.conf.template"
@@ -87,7 +88,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
 class Replica:
     """One `switchboard-server serve` process; its port is read from its "ready on" line."""
 
-    process: subprocess.Popen
+    process: Any  # subprocess.Popen, or what replicas(start=...) returned
     log: Path
     port: int = 0
     metrics_port: int = 0  # 0: started without Prometheus metrics
@@ -128,24 +129,31 @@ class Replica:
         _stop(self.process)
 
 
+def server_process(argv: list[str], log: Path) -> subprocess.Popen:
+    """`python -m server.cli ARGV` from the project's root, its output written to `log`."""
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT,
+                                stdout=sink, stderr=sink,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 @contextlib.contextmanager
 def replicas(n: int, workdir: Path, base: Path, adapters: Path, sessions_url: str,
-             extra: Sequence[str] = (), metrics: bool = False) -> Iterator[list[Replica]]:
+             extra: Sequence[str] = (), metrics: bool = False,
+             start: Callable[[list[str], Path], Any] = server_process,
+             ) -> Iterator[list[Replica]]:
     """`n` replicas on free ports, all started before any is waited for (they load in parallel);
-    with `metrics`, each also serves Prometheus metrics on a free port."""
+    with `metrics`, each also serves Prometheus metrics on a free port. `start(argv, log)`
+    starts one (the tests fork theirs from a process that has the imports done)."""
     started: list[Replica] = []
     try:
         for i in range(n):
             log = workdir / f"replica-{i}.log"
             metrics_port = free_port() if metrics else 0
-            argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
-                    "--adapters-root", str(adapters), "--port", "0", "--device", "cpu",
-                    "--sessions", sessions_url, "--shutdown-grace-seconds", "1",
-                    "--metrics-port", str(metrics_port), *extra]
-            with log.open("w") as sink:
-                process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            started.append(Replica(process, log, metrics_port=metrics_port))
+            argv = ["serve", "--base", str(base), "--adapters-root", str(adapters), "--port", "0",
+                    "--device", "cpu", "--sessions", sessions_url, "--shutdown-grace-seconds",
+                    "1", "--metrics-port", str(metrics_port), *extra]
+            started.append(Replica(start(argv, log), log, metrics_port=metrics_port))
         yield [replica.wait_ready() for replica in started]
     finally:
         for replica in started:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from server_zygote import Zygote
+from server_zygote import ForkedProcess, Zygote
 
 
 def _share_the_cores() -> None:
@@ -284,6 +284,11 @@ def free_port() -> int:
 
 
 _ZYGOTE = Zygote()
+
+
+def forked_server(argv: list[str], log: Path) -> ForkedProcess:
+    """`python -m server.cli ARGV` forked from this test process's zygote, output to `log`."""
+    return _ZYGOTE.spawn(argv, log)
 
 
 class ServerProcess:

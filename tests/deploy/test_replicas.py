@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from conftest import write_random_adapter  # noqa: E402
+from conftest import forked_server, write_random_adapter  # noqa: E402
 from replica_stack import (  # noqa: E402
     Caller,
     Proxy,
@@ -50,7 +50,8 @@ def stack(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
         write_random_adapter(tiny_base, adapters, name, 1, seed=seed, rank=4)
     with redis_server(work / "redis") as url, \
             replicas(2, work, tiny_base, adapters, url,
-                     ["--session-lease-seconds", "2", "--max-loaded-adapters", "4"]) as fleet, \
+                     ["--session-lease-seconds", "2", "--max-loaded-adapters", "4"],
+                     start=forked_server) as fleet, \
             nginx_proxy(work / "nginx", [r.target for r in fleet]) as proxy:
         yield proxy, fleet
 
