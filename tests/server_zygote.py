@@ -62,6 +62,7 @@ class Zygote:
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        atexit.register(self.stop)
 
     def spawn(self, argv: list[str], log: Path) -> ForkedProcess:
         """A child running `python -m server.cli ARGV`, output appended to `log`."""
@@ -82,7 +83,6 @@ class Zygote:
         if self._process is None or self._process.poll() is not None:
             self._process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, text=True,
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            atexit.register(self.stop)
         return self._process
 
     def stop(self) -> None:
