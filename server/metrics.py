@@ -72,6 +72,22 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ADAPTERS_PER_STEP_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 ADAPTER_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+# Each request's distributions, labelled by adapter: (metric name, help, buckets).
+REQUEST_HISTOGRAMS = (
+    ("request_queue_wait_seconds", "Time from submission to the first scheduled step.",
+     QUEUE_WAIT_BUCKETS),
+    ("time_to_first_token_seconds", "Time from arrival to the first generated token.",
+     TTFT_BUCKETS),
+    ("inter_token_latency_seconds", "Time between consecutive tokens of one request.",
+     INTER_TOKEN_BUCKETS),
+    ("request_duration_seconds", "Whole-request time of requests that finished OK.",
+     REQUEST_DURATION_BUCKETS),
+    ("request_prompt_tokens", "Prompt length of each finished request, in tokens.",
+     TOKEN_COUNT_BUCKETS),
+    ("request_generation_tokens", "Generated length of each finished request, in tokens.",
+     TOKEN_COUNT_BUCKETS),
+)
+
 
 class AdapterLabels:
     """Maps adapter keys to a bounded set of label values; thread-safe, first come first served."""
@@ -160,7 +176,7 @@ class Metrics:
         self._loaded_lock = threading.Lock()
         self._httpd: WSGIServer | None = None
         self._define_traffic()
-        self._define_latency()
+        self._define_request_histograms()
         self._define_engine()
         self._define_adapters()
         self._define_context()
@@ -187,12 +203,6 @@ class Metrics:
             "prompt_tokens", "Prompt tokens of finished requests (after truncation).", ["adapter"])
         self.generation_tokens = self._counter(
             "generation_tokens", "Tokens generated, counted as each one is emitted.", ["adapter"])
-        self.request_prompt_tokens = self._histogram(
-            "request_prompt_tokens", "Prompt length of each finished request, in tokens.",
-            TOKEN_COUNT_BUCKETS, ["adapter"])
-        self.request_generation_tokens = self._histogram(
-            "request_generation_tokens", "Generated length of each finished request, in tokens.",
-            TOKEN_COUNT_BUCKETS, ["adapter"])
         self.rpcs = self._counter(
             "rpcs", "Finished calls of every method (gRPC methods, HTTP routes) by status code "
             "and protocol.", ["method", "code", "protocol"])
@@ -205,19 +215,10 @@ class Metrics:
             "key_rate_limited", "Requests refused by a key's own limit, by key name and limit.",
             ["key", "limit"])
 
-    def _define_latency(self) -> None:
-        self.queue_wait = self._histogram(
-            "request_queue_wait_seconds", "Time from submission to the first scheduled step.",
-            QUEUE_WAIT_BUCKETS, ["adapter"])
-        self.ttft = self._histogram(
-            "time_to_first_token_seconds", "Time from arrival to the first generated token.",
-            TTFT_BUCKETS, ["adapter"])
-        self.inter_token = self._histogram(
-            "inter_token_latency_seconds", "Time between consecutive tokens of one request.",
-            INTER_TOKEN_BUCKETS, ["adapter"])
-        self.request_duration = self._histogram(
-            "request_duration_seconds", "Whole-request time of requests that finished OK.",
-            REQUEST_DURATION_BUCKETS, ["adapter"])
+    def _define_request_histograms(self) -> None:
+        self._request_histograms = {
+            name: self._histogram(name, doc, buckets, ["adapter"])
+            for name, doc, buckets in REQUEST_HISTOGRAMS}
 
     def _define_engine(self) -> None:
         self.batch_size = self._histogram(
@@ -340,15 +341,18 @@ class Metrics:
         protocol = protocol_var.get()
         self.requests.labels(label, status, protocol if protocol in PROTOCOLS else "grpc").inc()
         if queue_wait_s is not None:
-            self.queue_wait.labels(label).observe(queue_wait_s)
+            self._observe("request_queue_wait_seconds", label, queue_wait_s)
         if ttft_s is not None:
-            self.ttft.labels(label).observe(ttft_s)
+            self._observe("time_to_first_token_seconds", label, ttft_s)
         if prompt_tokens > 0:
             self.prompt_tokens.labels(label).inc(prompt_tokens)
-            self.request_prompt_tokens.labels(label).observe(prompt_tokens)
+            self._observe("request_prompt_tokens", label, prompt_tokens)
         if status == "OK":
-            self.request_duration.labels(label).observe(total_s)
-            self.request_generation_tokens.labels(label).observe(completion_tokens)
+            self._observe("request_duration_seconds", label, total_s)
+            self._observe("request_generation_tokens", label, completion_tokens)
+
+    def _observe(self, histogram: str, label: str, value: float) -> None:
+        self._request_histograms[histogram].labels(label).observe(value)
 
     def observe_rpc(self, method: str, code: str) -> None:
         """One finished call; `method` is a registered gRPC method or an HTTP route template
@@ -369,7 +373,7 @@ class Metrics:
                                      limit if limit in KEY_LIMITS else OTHER_LABEL).inc()
 
     def observe_inter_token(self, adapter: str | None, seconds: float) -> None:
-        self.inter_token.labels(self._labels.label(adapter)).observe(seconds)
+        self._observe("inter_token_latency_seconds", self._labels.label(adapter), seconds)
 
     def observe_truncation(self, strategy: str, messages_dropped: int, tokens_dropped: int) -> None:
         label = _strategy_label(strategy)
