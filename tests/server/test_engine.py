@@ -230,12 +230,35 @@ def test_rows_take_a_kv_row_when_admitted_and_give_it_back_when_they_leave(engin
                                       ignore_eos=True)) for i in range(6)]
     for handle in handles:
         _collect(handle)
-    # Read between two engine steps: the finish reaches the caller before the row is freed.
+    # Read between two engine steps (the engine thread owns the runner).
     rows, used = engine._call(lambda: (engine.runner.num_rows,
                                        int(engine.runner.lengths.count_nonzero())))
     assert rows == 0 and used == 0  # every row given back, each pointing at column 0 again
     stats = engine.stats()
     assert stats.steps > 0 and 0 < stats.forward_seconds <= stats.step_seconds
+
+
+def test_a_finished_row_leaves_the_batch_before_its_reader_is_woken(engine, prompts):
+    rows_at_finish = []
+
+    def submit_watched() -> RequestHandle:
+        # On the engine thread, between steps: the watch is on before the request can run.
+        handle = engine.submit(_request("leaves", prompts[0], ADAPTERS[0], 4, ignore_eos=True))
+        push_token = handle.push_token
+
+        def watched(token_id: int, is_eos: bool, finish) -> None:
+            if finish is not None:
+                rows_at_finish.append(len(engine.runner.rows))
+            push_token(token_id, is_eos, finish)
+
+        handle.push_token = watched
+        return handle
+
+    tokens, finish = _collect(engine._call(submit_watched))
+    # Packing the rows runs tensor ops; done after the wake-up, the reader's thread would take
+    # the GIL from the engine at each of them.
+    assert len(tokens) == 4 and finish.reason == "length"
+    assert rows_at_finish == [0]
 
 
 def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):
