@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,25 @@ def rss_bytes(pid: int) -> int:
 # -- the server -------------------------------------------------------------------------------
 
 
+def server_process(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m server.cli ARGV` from the project's root in `env`, its output in `log`."""
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT,
+                                stdout=sink, stderr=sink, env=env)
+
+
+# start(argv, log, env) -> a Popen-like process: how the server's process starts.
+StartServer = Callable[[list[str], Path, dict[str, str]], Any]
+
+
 class ServerProcess:
     """`server.cli serve` on free loopback ports; its log goes to `log`."""
 
     def __init__(self, args: argparse.Namespace, base: Path, root: Path, db: Path,
-                 log: Path) -> None:
+                 log: Path, start: StartServer = server_process) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log = log
-        argv = [sys.executable, "-m", "server.cli", "serve", "--base", str(base),
+        argv = ["serve", "--base", str(base),
                 "--adapters-root", str(root), "--host", "127.0.0.1", "--port", str(self.port),
                 "--device", "cpu", "--sessions-db", str(db),
                 "--metrics-port", str(self.metrics_port), "--max-batch", str(args.max_batch),
@@ -94,8 +106,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items()
                if k not in ("SWITCHBOARD_API_KEYS", "SWITCHBOARD_ADMIN_KEYS")}
         env.update(server_env(args.server_env))
-        with log.open("w") as sink:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=sink, env=env)
+        self.process = start(argv, log, env)
 
     @property
     def target(self) -> str:
@@ -420,7 +431,7 @@ def failures_of(result: dict[str, Any], max_growth: float) -> list[str]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, start: StartServer = server_process) -> dict[str, Any]:
     base = ensure_base(args.base, args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -428,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         adapters = build_adapters(base, work, args.adapters, args.rank)
         server = ServerProcess(args, base, adapters.root, work / "sessions.db",
-                               args.work / "soak-server.log")
+                               args.work / "soak-server.log", start)
         try:
             server.wait_serving()
             state = Run(args, server, adapters, Stats(), random.Random(args.seed))
@@ -459,7 +470,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, start: StartServer = server_process) -> int:
+    """The soak; `start` says how the server's process starts (the tests fork theirs from a
+    process that has the imports done)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=None,
                         help="tiny base directory (built under --work when omitted)")
@@ -500,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--server-env takes KEY=VALUE, got {args.server_env}")
     if args.warmup_seconds < 0:
         parser.error(f"--warmup-seconds must be >= 0, got {args.warmup_seconds}")
-    result = run(args)
+    result = run(args, start)
     print_table(result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_zygote import ForkedProcess, Zygote
@@ -44,10 +45,13 @@ _skip_the_unused_compiler()
 
 # The modules that hold a worker longest (seconds on 2 idle cores), queued first so that the two
 # xdist workers finish together (longest first) instead of one running a long module alone at the
-# end. The first needs no tiny base: its worker runs it while the other builds the base. Only an
-# order (the Makefile passes --no-loadscope-reorder); a module not named keeps its place.
+# end. test_fit's worker builds the tiny base (about a minute) while the other runs the modules
+# before and right after it, which need no base, instead of waiting for it. Only an order (the
+# Makefile passes --no-loadscope-reorder); a module not named keeps its place.
 LONGEST_FIRST = (
     "tests/trainer/test_smollm2.py", "tests/trainer/test_fit.py",
+    "tests/evalsuite/test_ab_webapp.py", "tests/common/test_threads.py",
+    "tests/trainer/test_datagen.py",
     "tests/clients/test_session_chat_cli.py", "tests/trainer/test_fit_ddp.py",
     "tests/server/test_session_durability.py", "tests/server/test_shutdown.py",
     "tests/bench/test_bench_smoke.py", "tests/server/test_faults.py",
@@ -242,11 +246,11 @@ def sessions(channel):
 
 
 @pytest.fixture
-def run_bench(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, list[str]], str]:
-    """`run_bench("bench_engine", argv)`: a bench script's `main(argv)` run in this process
-    (which must return 0) and what it printed. Its imports (torch, transformers) are loaded
-    here already, where a subprocess would spend about 5 s of CPU loading them again; torch's
-    thread count, which the scripts set, is restored after."""
+def run_bench(monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """`run_bench("bench_engine", argv, **options)`: a bench script's `main(argv, **options)`
+    run in this process (which must return 0) and what it printed. Its imports (torch,
+    transformers) are loaded here already, where a subprocess would spend about 5 s of CPU
+    loading them again; torch's thread count, which the scripts set, is restored after."""
     import contextlib
     import importlib
     import io
@@ -256,13 +260,13 @@ def run_bench(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, list[str]], str
     # The scripts import their siblings by name, as they do when run from bench/.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
 
-    def run(script: str, argv: list[str]) -> str:
+    def run(script: str, argv: list[str], **options: Any) -> str:
         module = importlib.import_module(script)
         threads = torch.get_num_threads()
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
-                code = module.main(argv)
+                code = module.main(argv, **options)
         finally:
             torch.set_num_threads(threads)
         assert code == 0, printed.getvalue()[-3000:]
@@ -286,9 +290,17 @@ def free_port() -> int:
 _ZYGOTE = Zygote()
 
 
-def forked_server(argv: list[str], log: Path) -> ForkedProcess:
-    """`python -m server.cli ARGV` forked from this test process's zygote, output to `log`."""
-    return _ZYGOTE.spawn(argv, log)
+def forked_server(argv: list[str], log: Path, env: dict[str, str] | None = None
+                  ) -> ForkedProcess:
+    """`python -m server.cli ARGV` forked from this test process's zygote, output to `log`, in
+    `env` (this process's environment by default)."""
+    return _ZYGOTE.spawn(argv, log, env=env)
+
+
+def forked_trainer(argv: list[str], out: Path, err: Path, env: dict[str, str]) -> ForkedProcess:
+    """`python -m trainer.cli ARGV` in `env`, forked from the zygote; stdout to `out`, stderr
+    to `err`."""
+    return _ZYGOTE.spawn(argv, out, module="trainer.cli", env=env, err=err)
 
 
 class ServerProcess:

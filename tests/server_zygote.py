@@ -1,12 +1,13 @@
-"""Server processes without the interpreter's start-up, for the tests that signal a real server.
+"""Server (and trainer) processes without the interpreter's start-up, for the tests that signal
+a real process.
 
 A fresh `python -m server.cli serve` spends about 5-8 s of CPU importing torch, transformers
 and bitsandbytes before it reads its arguments, and the suite starts a dozen of them to SIGTERM,
 SIGHUP or kill -9. A zygote (as Android's, or multiprocessing's forkserver) imports those once
-per test process and forks a child per server; the child runs `python -m server.cli ARGV` from
-there, in the test's environment and working directory, its output appended to a log. It is a
-real separate process: its own pid, signals and exit status. Run as a script, this file is the
-zygote; `Zygote` is the test side.
+per test process and forks a child per process asked for; the child runs `python -m MODULE
+ARGV` (server.cli unless told) from there, in the test's environment and working directory, its
+output appended to a log. It is a real separate process: its own pid, signals and exit status.
+Run as a script, this file is the zygote; `Zygote` is the test side.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = "server.cli"
+SERVER = "server.cli"
 
 
 class ForkedProcess:
     """What a test holds of a zygote's child: subprocess.Popen's pid, poll, wait, send_signal,
     kill and returncode (negative: the signal that ended it)."""
 
-    def __init__(self, pid: int, status: Path) -> None:
+    def __init__(self, pid: int, status: Path, module: str) -> None:
         self.pid = pid
         self._status = status
+        self._module = module
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -44,7 +46,7 @@ class ForkedProcess:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(MODULE, timeout)
+                raise subprocess.TimeoutExpired(self._module, timeout)
             time.sleep(0.02)
         return self.returncode
 
@@ -64,12 +66,16 @@ class Zygote:
         self._lock = threading.Lock()
         atexit.register(self.stop)
 
-    def spawn(self, argv: list[str], log: Path) -> ForkedProcess:
-        """A child running `python -m server.cli ARGV`, output appended to `log`."""
-        log.touch()  # there at once, as Popen's redirection would make it
+    def spawn(self, argv: list[str], log: Path, module: str = SERVER,
+              env: dict[str, str] | None = None, err: Path | None = None) -> ForkedProcess:
+        """A child running `python -m MODULE ARGV` in `env` (this process's by default),
+        output appended to `log` (its stderr to `err` when given)."""
+        for path in (log, err or log):
+            path.touch()  # there at once, as Popen's redirection would make it
         status = log.with_name(f"{log.name}.exit-{time.monotonic_ns()}")
-        request = {"argv": argv, "log": str(log), "status": str(status), "cwd": str(ROOT),
-                   "env": dict(os.environ)}
+        request = {"module": module, "argv": argv, "log": str(log), "err": str(err or log),
+                   "status": str(status), "cwd": str(ROOT),
+                   "env": dict(os.environ) if env is None else env}
         with self._lock:
             process = self._started()
             process.stdin.write(json.dumps(request) + "\n")
@@ -77,7 +83,7 @@ class Zygote:
             reply = process.stdout.readline()
         if not reply:
             raise RuntimeError(f"the server zygote exited with {process.wait()}")
-        return ForkedProcess(json.loads(reply)["pid"], status)
+        return ForkedProcess(json.loads(reply)["pid"], status, module)
 
     def _started(self) -> subprocess.Popen:
         if self._process is None or self._process.poll() is not None:
@@ -133,23 +139,23 @@ def _serve() -> None:
 
 
 def _child(request: dict) -> None:
-    """Become `python -m server.cli ARGV`; never returns."""
+    """Become `python -m MODULE ARGV`; never returns."""
     import runpy
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    for fd, name in ((1, "log"), (2, "err")):
+        os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv = [MODULE, *request["argv"]]
+    module = request["module"]
+    sys.argv = [module, *request["argv"]]
     code = 0
     try:
-        runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         if isinstance(exc.code, int) or exc.code is None:
             code = exc.code or 0

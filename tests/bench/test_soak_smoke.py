@@ -1,26 +1,23 @@
-"""Smoke run of bench/soak.py at minimal sizes: it passes, and its JSON reports every figure."""
+"""Smoke run of bench/soak.py at minimal sizes: it passes, and its JSON reports every figure.
+The script runs in this process and its server is forked from the test zygote (both have their
+imports done); the server is still a process of its own, whose RSS the soak reads."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+from conftest import forked_server
 
 
-def test_soak_smoke(tiny_base: Path, tmp_path: Path) -> None:
+def test_soak_smoke(tiny_base: Path, tmp_path: Path, run_bench) -> None:
     out = tmp_path / "soak.json"
     # A 6-second run cannot show steady-state memory, so the growth limit is loose here.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--base", str(tiny_base), "--work", str(tmp_path),
-         "--out", str(out), "--streams", "4", "--adapters", "2", "--minutes", "0.1",
-         "--max-requests", "400", "--warmup-seconds", "2", "--swap-every", "2",
-         "--cancel-fraction", "0.3", "--max-new-tokens", "12", "--max-growth-pct", "50"],
-        timeout=120, capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = run_bench("soak", [
+        "--base", str(tiny_base), "--work", str(tmp_path), "--out", str(out), "--streams", "4",
+        "--adapters", "2", "--minutes", "0.1", "--max-requests", "400", "--warmup-seconds", "2",
+        "--swap-every", "2", "--cancel-fraction", "0.3", "--max-new-tokens", "12",
+        "--max-growth-pct", "50"], start=forked_server)
     result = json.loads(out.read_text())
 
     assert result["passed"] and result["failures"] == []
@@ -35,4 +32,4 @@ def test_soak_smoke(tiny_base: Path, tmp_path: Path) -> None:
     assert rss["after_warmup_bytes"] > 0 and rss["end_bytes"] > 0 and "growth_pct" in rss
     assert result["left_after_load"] == {"running": 0.0, "waiting": 0.0}
     assert result["server_exit_code"] == 0
-    assert "requests served" in done.stdout and "RSS growth" in done.stdout
+    assert "requests served" in printed and "RSS growth" in printed

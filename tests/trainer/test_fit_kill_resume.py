@@ -1,17 +1,18 @@
 """`trainer fit` killed with SIGKILL mid-run, then rerun with `--resume`: the second process
-continues from the run's last checkpoint instead of starting over, and publishes version 1."""
+continues from the run's last checkpoint instead of starting over, and publishes version 1.
+
+Both are real processes, forked from the test zygote (tests/server_zygote.py), which has torch
+and transformers loaded already."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import head_lines
+from conftest import forked_trainer, head_lines
 
 from trainer import manifest as mf
 
@@ -54,7 +55,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(
     data = head_lines(bundled_data / DOMAIN / "train.jsonl", tmp_path / "train.jsonl", 40)
     root = tmp_path / "adapters"
     command = [
-        sys.executable, "-m", "trainer.cli", "fit", "--base", str(tiny_base), "--data", str(data),
+        "fit", "--base", str(tiny_base), "--data", str(data),
         "--name", NAME, "--adapters-root", str(root), "--run-id", RUN_ID,
         "--max-steps", str(MAX_STEPS), "--save-steps", "2", "--batch-size", "2",
         "--max-length", "64", "--rank", "4", "--alpha", "8", "--learning-rate", "1e-3",
@@ -63,21 +64,19 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(
     ]
     run_dir = root / NAME / mf.RUNS_DIR / RUN_ID
 
-    with (tmp_path / "first.out").open("w") as out, (tmp_path / "first.err").open("w") as err:
-        first = subprocess.Popen(command, stdout=out, stderr=err, env=CHILD_ENV)
-        try:
-            deadline = time.monotonic() + CHECKPOINT_TIMEOUT_S
-            step = None
-            while first.poll() is None and time.monotonic() < deadline:
-                step = _complete_checkpoint_step(run_dir)
-                if step is not None and step >= 2:
-                    break
-                time.sleep(0.05)
-            first.send_signal(signal.SIGKILL)
-        finally:
-            if first.poll() is None:
-                first.kill()
-            code = first.wait(timeout=30)
+    first = forked_trainer(command, tmp_path / "first.out", tmp_path / "first.err", CHILD_ENV)
+    try:
+        deadline = time.monotonic() + CHECKPOINT_TIMEOUT_S
+        step = None
+        while first.poll() is None and time.monotonic() < deadline:
+            step = _complete_checkpoint_step(run_dir)
+            if step is not None and step >= 2:
+                break
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        code = first.wait(timeout=30)
     first_log = (tmp_path / "first.out").read_text() + (tmp_path / "first.err").read_text()
     assert code == -signal.SIGKILL, f"first run was not killed (rc {code}):\n{first_log}"
     assert step is not None and step >= 2, f"no checkpoint within the timeout:\n{first_log}"
@@ -88,13 +87,14 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(
     assert resume_step is not None and 2 <= resume_step < MAX_STEPS
     events_before = set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-    second = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300,
-                            env=CHILD_ENV)
-    assert second.returncode == 0, second.stdout + second.stderr
-    lines = second.stdout.strip().splitlines()
+    out, err = tmp_path / "second.out", tmp_path / "second.err"
+    second_code = forked_trainer([*command, "--resume"], out, err, CHILD_ENV).wait(timeout=300)
+    second_out = out.read_text()
+    assert second_code == 0, second_out + err.read_text()
+    lines = second_out.strip().splitlines()
     version_dir = root / NAME / "1"
     assert lines[-1] == str(version_dir)
-    assert f"resuming from {run_dir / f'checkpoint-{resume_step}'}" in second.stdout
+    assert f"resuming from {run_dir / f'checkpoint-{resume_step}'}" in second_out
 
     manifest = json.loads((version_dir / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["metrics"]["global_step"] == MAX_STEPS
