@@ -211,16 +211,25 @@ class TokenView:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encoded(self, texts: list[str]) -> list[tuple[list[int], str]]:
+        """Each text's ids and their decoding, in one batch each way: a file's turns one call
+        at a time spend most of their time in the calls (seconds for a few thousand)."""
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return list(zip(ids, self.tokenizer.batch_decode(ids), strict=True))
+
     def masked(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         out = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
 
-    def unknown_text(self, text: str, ids: list[int]) -> list[str]:
+    def unknown_text(self, text: str, ids: list[int], decoded: str) -> list[str]:
         """Characters the vocabulary does not know: mapped to the unknown token, changed by a
-        round trip, or (byte-level and byte-fallback vocabularies) split into byte pieces."""
+        round trip (`decoded` is `ids` decoded), or (byte-level and byte-fallback vocabularies)
+        split into byte pieces."""
         unk = self.tokenizer.unk_token_id
-        if (unk is not None and unk in ids) or self.tokenizer.decode(ids) != text:
+        if (unk is not None and unk in ids) or decoded != text:
             return [text[:20]]
         return sorted({ch for ch in text if not ch.isascii() and not self._known(ch)})
 
@@ -246,14 +255,14 @@ def token_problems(records: list[Record], view: TokenView,
     found: list[Problem] = []
     stats = Counter(conversations=len(records))
     turn_lengths: list[tuple[int, int, int]] = []  # (line, turn index, tokens)
-    for record in records:
-        if record.messages is None:
-            continue
+    usable = [r for r in records if r.messages is not None]
+    encoded = iter(view.encoded([m["content"] for r in usable for m in r.messages]))
+    for record in usable:
         stats["turns"] += len(record.messages)
         stats["assistant_turns"] += sum(m["role"] == "assistant" for m in record.messages)
         for index, message in enumerate(record.messages, start=1):
-            found.extend(_text_problems(record.line, index, message["content"], view,
-                                        turn_lengths))
+            found.extend(_text_problems(record.line, index, message["content"], next(encoded),
+                                        view, turn_lengths))
         if any(p.line == record.line and p.is_error for p in structure_problems(record)):
             continue  # the template may not render it; its errors are already reported
         found.extend(_mask_problems(record, view, max_length, stats))
@@ -263,12 +272,12 @@ def token_problems(records: list[Record], view: TokenView,
     return found, dict(stats)
 
 
-def _text_problems(line: int, index: int, text: str, view: TokenView,
-                   turn_lengths: list[tuple[int, int, int]]) -> list[Problem]:
-    ids = view.ids(text)
+def _text_problems(line: int, index: int, text: str, encoded: tuple[list[int], str],
+                   view: TokenView, turn_lengths: list[tuple[int, int, int]]) -> list[Problem]:
+    ids, decoded = encoded
     turn_lengths.append((line, index, len(ids)))
     found = []
-    unknown = view.unknown_text(text, ids)
+    unknown = view.unknown_text(text, ids, decoded)
     if unknown:
         shown = "".join(unknown[:10])
         found.append(Problem(line, "unknown tokens",
