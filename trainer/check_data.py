@@ -224,6 +224,16 @@ class TokenView:
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
 
+    def masked_all(self, conversations: list[list[dict[str, str]]]
+                   ) -> list[tuple[list[int], list[int]]]:
+        """`masked` of each conversation, tokenized in one batch."""
+        if not conversations:
+            return []
+        out = self.tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return [(list(ids), list(mask))
+                for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+
     def unknown_text(self, text: str, ids: list[int], decoded: str) -> list[str]:
         """Characters the vocabulary does not know: mapped to the unknown token, changed by a
         round trip (`decoded` is `ids` decoded), or (byte-level and byte-fallback vocabularies)
@@ -263,9 +273,12 @@ def token_problems(records: list[Record], view: TokenView,
         for index, message in enumerate(record.messages, start=1):
             found.extend(_text_problems(record.line, index, message["content"], next(encoded),
                                         view, turn_lengths))
-        if any(p.line == record.line and p.is_error for p in structure_problems(record)):
-            continue  # the template may not render it; its errors are already reported
-        found.extend(_mask_problems(record, view, max_length, stats))
+    # A record with structure errors may not render; its errors are already reported.
+    renderable = [r for r in usable if not any(
+        p.line == r.line and p.is_error for p in structure_problems(r))]
+    masked = view.masked_all([r.messages for r in renderable])
+    for record, (ids, mask) in zip(renderable, masked, strict=True):
+        found.extend(_mask_problems(record, ids, mask, max_length, stats))
     limit = _long_turn_limit([n for _, _, n in turn_lengths])
     found.extend(Problem(line, "long turn", f"turn {index} has {n} tokens (limit {limit:.0f})")
                  for line, index, n in turn_lengths if n > limit)
@@ -289,9 +302,8 @@ def _text_problems(line: int, index: int, text: str, encoded: tuple[list[int], s
     return found
 
 
-def _mask_problems(record: Record, view: TokenView, max_length: int,
+def _mask_problems(record: Record, ids: list[int], mask: list[int], max_length: int,
                    stats: Counter) -> list[Problem]:
-    ids, mask = view.masked(record.messages)
     stats["tokens"] += len(ids)
     stats["trained_tokens"] += sum(mask[:max_length])
     stats["cut_at_max_length"] += len(ids) > max_length
