@@ -483,11 +483,15 @@ class Engine:
             tokens.update(self.runner.prefill(plan.admitted))
         aborted = self.scheduler.abort_running(plan)
         outputs = self.scheduler.update_from_output(plan, tokens)
-        if aborted or self.scheduler.num_running < len(plan.rows):
-            # Some row left: pack the rows again, before the readers wake. Their threads
-            # would take the GIL from this one at each tensor op of the packing.
-            self.runner.release_finished()
-        self._emit(outputs, aborted)
+        try:
+            if aborted or self.scheduler.num_running < len(plan.rows):
+                # Some row left: pack the rows again, before the readers wake. Their threads
+                # would take the GIL from this one at each tensor op of the packing.
+                self.runner.release_finished()
+        finally:
+            # Even when packing failed: the finished requests are in no row or queue any more,
+            # so only this tells their callers.
+            self._emit(outputs, aborted)
         stats = self._stats
         stats[0] += 1
         stats[1] += len(plan.rows)

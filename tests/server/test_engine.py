@@ -261,6 +261,25 @@ def test_a_finished_row_leaves_the_batch_before_its_reader_is_woken(engine, prom
     assert rows_at_finish == [0]
 
 
+def test_a_failure_while_packing_rows_still_ends_the_requests_that_finished(
+        engine, prompts, monkeypatch):
+    real = engine.runner.release_finished
+
+    def failing_once() -> None:
+        monkeypatch.setattr(engine.runner, "release_finished", real)
+        raise RuntimeError("injected packing fault")
+
+    monkeypatch.setattr(engine.runner, "release_finished", failing_once)
+    # Submitted between two steps, so both run from the same step on.
+    short, long = engine._call(lambda: [
+        engine.submit(_request(rid, prompts[i], ADAPTERS[i], n, ignore_eos=True))
+        for i, (rid, n) in enumerate((("short", 2), ("long", 30)))])
+    tokens, finish = _collect(short)
+    assert len(tokens) == 2 and finish.reason == "length"
+    with pytest.raises(RuntimeError, match="injected packing fault"):
+        _collect(long)
+
+
 def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):
     engine = _new_engine(tiny_base, adapters_root, [], max_queue=2)  # not started: nothing runs
     handles = [engine.submit(_request(f"q{i}", [5, 6, 7], None, 4)) for i in range(2)]
