@@ -129,12 +129,15 @@ class Replica:
         _stop(self.process)
 
 
-def server_process(argv: list[str], log: Path) -> subprocess.Popen:
-    """`python -m server.cli ARGV` from the project's root, its output written to `log`."""
+def server_process(argv: list[str], log: Path,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m server.cli ARGV` from the project's root, its output written to `log`, in
+    `env` (by default this process's environment, unbuffered)."""
+    if env is None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as sink:
         return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT,
-                                stdout=sink, stderr=sink,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stdout=sink, stderr=sink, env=env)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -42,12 +41,12 @@ from typing import Any
 
 from bench_engine import PROMPTS, ensure_base, write_adapters
 from bench_serving import percentile, write_manifest
+from replica_stack import server_process
 
 from clients.aio import AsyncSwitchboardClient
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardRpcError
 
-ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
 # RSS is compared as medians over this many seconds, so one sample's noise decides nothing.
@@ -76,13 +75,6 @@ def rss_bytes(pid: int) -> int:
 
 
 # -- the server -------------------------------------------------------------------------------
-
-
-def server_process(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`python -m server.cli ARGV` from the project's root in `env`, its output in `log`."""
-    with log.open("w") as sink:
-        return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT,
-                                stdout=sink, stderr=sink, env=env)
 
 
 # start(argv, log, env) -> a Popen-like process: how the server's process starts.

@@ -144,10 +144,9 @@ def _child(request: dict) -> None:
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
+    _point(0, os.devnull, os.O_RDONLY)
     for fd, name in ((1, "log"), (2, "err")):
-        os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+        _point(fd, request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -169,6 +168,13 @@ def _child(request: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _point(fd: int, path: str, flags: int) -> None:
+    """Make `fd` refer to `path`, opened with `flags`, keeping no other descriptor of it."""
+    opened = os.open(path, flags, 0o644)
+    os.dup2(opened, fd)
+    os.close(opened)
 
 
 if __name__ == "__main__":
