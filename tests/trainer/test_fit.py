@@ -145,8 +145,10 @@ def test_malformed_data_fails_fast_before_the_model_loads(
     assert not (tmp_path / "adapters").exists()
 
 
-def test_only_assistant_spans_are_trained(tiny_base: Path, tmp_path: Path) -> None:
-    """Labels of a 3-turn conversation as SFTTrainer prepared them: exactly the answers."""
+def test_only_assistant_spans_are_trained(tiny_base: Path, bundled_data: Path,
+                                         tmp_path: Path) -> None:
+    """Labels of a 3-turn conversation as SFTTrainer prepared them: exactly the answers; and
+    what `trainer fit` feeds it, tokenized in one batch, is what it prepares itself."""
     answers = ["First answer.", "Second answer, longer.", "Third and last."]
     messages = [{"role": "system", "content": "Be brief."}]
     for i, answer in enumerate(answers):
@@ -155,8 +157,13 @@ def test_only_assistant_spans_are_trained(tiny_base: Path, tmp_path: Path) -> No
     config = FitConfig(base=str(tiny_base), data="unused.jsonl", name="labels",
                        adapters_root=str(tmp_path), val_split=0, max_steps=1, device="cpu")
     model, tokenizer, _ = fit_module.load_model(config, tmp_path)
-    split = fit_module.DataSplit(train=[{"messages": messages}], validation=[], files={})
+    bundled = [json.loads(line) for line in
+               (bundled_data / DOMAIN / "train.jsonl").read_text().splitlines()[:7]]
+    records = [{"messages": messages}, *({"messages": r["messages"]} for r in bundled)]
+    split = fit_module.DataSplit(train=records, validation=[], files={})
     trainer, _ = fit_module.build_trainer(config, model, tokenizer, split, tmp_path / "run", True)
+    prepared = [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+    assert prepared == fit_module.tokenize_records(tokenizer, records, batch=3)
     example = trainer.train_dataset[0]
     spans, current = [], []
     for token, label in zip(example["input_ids"], example["labels"], strict=True):
