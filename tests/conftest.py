@@ -46,16 +46,24 @@ _skip_the_unused_compiler()
 # The modules that hold a worker longest (seconds on 2 idle cores), queued first so that the two
 # xdist workers finish together (longest first) instead of one running a long module alone at the
 # end. test_fit's worker builds the tiny base (about a minute) while the other runs the modules
-# before and right after it, which need no base, instead of waiting for it. Only an order (the
-# Makefile passes --no-loadscope-reorder); a module not named keeps its place.
+# right after it, which need no base, instead of waiting for it; the rest go longest first
+# (10-40 s each), so that the short modules fill the end. Only an order (the Makefile passes
+# --no-loadscope-reorder); a module not named keeps its place after these.
 LONGEST_FIRST = (
     "tests/trainer/test_smollm2.py", "tests/trainer/test_fit.py",
     "tests/evalsuite/test_ab_webapp.py", "tests/common/test_threads.py",
     "tests/trainer/test_datagen.py",
-    "tests/clients/test_session_chat_cli.py", "tests/trainer/test_fit_ddp.py",
-    "tests/server/test_session_durability.py", "tests/server/test_shutdown.py",
-    "tests/bench/test_bench_smoke.py", "tests/server/test_faults.py",
-    "tests/trainer/test_fit_kill_resume.py", "tests/bench/test_soak_smoke.py",
+    "tests/trainer/test_fit_ddp.py", "tests/clients/test_session_chat_cli.py",
+    "tests/server/test_engine.py", "tests/trainer/test_fit_options.py",
+    "tests/server/test_faults.py", "tests/deploy/test_prometheus.py", "tests/server/test_fuzz.py",
+    "tests/trainer/test_sweep.py", "tests/server/test_ratelimit.py",
+    "tests/evalsuite/test_ab_results.py", "tests/evalsuite/test_evalsuite_cli.py",
+    "tests/server/services/test_inference_service.py", "tests/server/test_session_durability.py",
+    "tests/trainer/test_spike_rollback.py", "tests/trainer/test_auto_batch.py",
+    "tests/server/test_shutdown.py", "tests/server/test_app.py", "tests/server/test_openai_http.py",
+    "tests/trainer/test_fit_kill_resume.py", "tests/bench/test_bench_smoke.py",
+    "tests/trainer/test_base.py", "tests/bench/test_soak_smoke.py",
+    "tests/clients/test_http_client.py", "tests/deploy/test_replicas.py",
 )
 
 
