@@ -88,12 +88,12 @@ def chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
 # -- PEFT -------------------------------------------------------------------------------------
 
 
-def peft_model_with(base: Path, adapters: list[Path], device: str) -> Any:
+def peft_model_with(base: Path, adapters: list[Path], options: Any) -> Any:
     from peft import PeftModel
 
-    from common.modeling import LoadOptions, load_base
+    from common.modeling import load_base
 
-    model, _ = load_base(str(base), LoadOptions(device=device))
+    model, _ = load_base(str(base), options)
     peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
     for index, path in enumerate(adapters[1:], start=1):
         peft.load_adapter(str(path), adapter_name=f"a{index}")
@@ -132,11 +132,12 @@ def peft_mixed_batch(peft: Any, prompts: list[list[int]], names: list[str], leng
 # -- engine -----------------------------------------------------------------------------------
 
 
-def make_engine(base: Path, adapters: list[Path], max_batch: int, device: str) -> Any:
+def make_engine(base: Path, adapters: list[Path], max_batch: int, device: str,
+                quantize: str = "nf4") -> Any:
     from common.modeling import LoadOptions, load_base
     from server.engine import Engine, EngineConfig
 
-    model, tokenizer = load_base(str(base), LoadOptions(device=device))
+    model, tokenizer = load_base(str(base), LoadOptions(device=device, quantize=quantize))
     engine = Engine(model, tokenizer, EngineConfig.build(
         max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64,
         context_length=1024))
@@ -238,7 +239,7 @@ def ensure_base(base: Path | None, work: Path) -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     base = ensure_base(args.base, args.work)
-    from common.modeling import load_tokenizer, resolve_device
+    from common.modeling import LoadOptions, load_tokenizer, resolve_device
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(str(base))
@@ -253,8 +254,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = write_adapters(base, Path(tmp), max(count, args.stream_adapters), args.rank)
         four = [i % args.adapters for i in range(count)]
-        peft = peft_model_with(base, adapters[:count], device)
-        engine = make_engine(base, adapters, max(args.max_batch, *args.streams), device)
+        peft = peft_model_with(base, adapters[:count], LoadOptions(device, args.quantize))
+        engine = make_engine(base, adapters, max(args.max_batch, *args.streams), device,
+                             args.quantize)
         try:
             engine_run(engine, prompts[:2], ["bench0@1", None], [4, 4], "warm-up")
             naive_loop(peft, prompts[:1], ["a0"], [4])
@@ -263,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             engine.shutdown()
     results["device"] = device
+    results["quantize"] = args.quantize
     results["graph_capture_s"] = engine.graph_capture_seconds
     results["streams"] = [{**asdict(r), "vs_floor": r.vs_floor} for r in streams]
     return results
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the base runs (auto: CUDA when there is one)")
+    parser.add_argument("--quantize", choices=("nf4", "none"), default="nf4",
+                        help="the base's weights, for the engine and PEFT alike: nf4 (the "
+                             "server's default) or none (float32, as `make demo` serves on a CPU)")
     parser.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",")],
                         default=[16, 64], help="concurrent streams to measure, e.g. 16,64")
     parser.add_argument("--stream-adapters", type=int, default=16,

@@ -458,7 +458,7 @@ def stream_rows(s: Setup, floors: dict[int, float]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.modeling import load_tokenizer, resolve_device
+    from common.modeling import LoadOptions, load_tokenizer, resolve_device
     from server.app import start_in_thread
     from server.config import ServerConfig
 
@@ -484,7 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         adapters = build_adapters_root(base, root, written, args.rank, swap_versions)
-        peft = peft_model_with(base, adapters[:args.adapters], device)
+        peft = peft_model_with(base, adapters[:args.adapters], LoadOptions(device))
         engine = make_engine(base, adapters, args.max_batch, device)
         server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, device=device,
