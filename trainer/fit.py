@@ -11,6 +11,7 @@ The version directory is the last line printed on stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -119,10 +120,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[FitConfig, Path | None]:
 
 @dataclass
 class DataSplit:
-    """Conversations (as TRL `messages` records) with where they came from."""
+    """Conversations (as TRL `messages` records, or once tokenized a datasets.Dataset of them)
+    with where they came from."""
 
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
+    train: list[dict[str, Any]] | Any
+    validation: list[dict[str, Any]] | Any
     files: dict[str, dict[str, Any]]
 
 
@@ -158,46 +160,53 @@ def _file_record(path: str, count: int) -> dict[str, Any]:
     return {"path": str(path), "sha256": mf.file_sha256(Path(path)), "conversations": count}
 
 
+SUMMARY_COLUMNS = ("tokens", "trained", "turns")
+
+
+def tokenize_batch(tokenizer: Any, conversations: list[list[dict[str, str]]],
+                   max_length: int) -> dict[str, list]:
+    """input_ids and labels of conversations through the base's chat template, in one call:
+    labels are -100 outside the assistant spans that the template marks with
+    {% generation %}, as SFTTrainer builds them. With each one's counts for the data summary."""
+    out = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", *SUMMARY_COLUMNS)}
+    for messages, ids, mask in zip(conversations, out["input_ids"], out["assistant_masks"],
+                                   strict=True):
+        labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+        columns["input_ids"].append(list(ids))
+        columns["labels"].append(labels)
+        columns["tokens"].append(len(ids))
+        columns["trained"].append(sum(1 for label in labels[:max_length] if label != -100))
+        columns["turns"].append(sum(1 for m in messages if m["role"] == "assistant"))
+    return columns
+
+
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list, list]:
-    """(input_ids, labels) through the base's chat template: labels are -100 outside the
-    assistant spans that the template marks with {% generation %}, as SFTTrainer builds them."""
-    return tokenize_records(tokenizer, [{"messages": messages}])[0]
+    """(input_ids, labels) of one conversation, as `tokenize_batch` gives them."""
+    columns = tokenize_batch(tokenizer, [messages], max_length=0)
+    return columns["input_ids"][0], columns["labels"][0]
 
 
-def tokenize_records(tokenizer: Any, records: list[dict[str, Any]],
-                     batch: int = 1024) -> list[tuple[list, list]]:
-    """`tokenize_conversation` of every record, a batch of conversations per call: one call per
-    conversation spends most of its time in the call (seconds for a few thousand)."""
-    tokenized = []
-    for start in range(0, len(records), batch):
-        out = tokenizer.apply_chat_template(
-            [r["messages"] for r in records[start : start + batch]], tokenize=True,
-            return_dict=True, return_assistant_tokens_mask=True)
-        for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True):
-            ids = list(ids)
-            tokenized.append((ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]))
-    return tokenized
+def tokenized_dataset(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
+                      batch: int = 1024) -> Any:
+    """The records as a datasets.Dataset with their tokens and summary counts, a batch of
+    conversations per tokenizer call: one call each (SFTTrainer's way) spends most of its time
+    in the calls, minutes for a hundred thousand. SFTTrainer takes these input_ids and labels
+    as they are."""
+    from datasets import Dataset
+
+    return Dataset.from_list(records).map(
+        lambda rows: tokenize_batch(tokenizer, rows["messages"], max_length), batched=True,
+        batch_size=batch, desc="Tokenizing conversations")
 
 
-def with_tokens(records: list[dict[str, Any]],
-                tokenized: list[tuple[list, list]]) -> list[dict[str, Any]]:
-    """The records carrying their input_ids and labels: SFTTrainer then takes them as they are
-    instead of tokenizing every conversation again, one at a time."""
-    return [{**record, "input_ids": ids, "labels": labels}
-            for record, (ids, labels) in zip(records, tokenized, strict=True)]
-
-
-def summarize_split(records: list[dict[str, Any]], tokenized: list[tuple[list, list]],
-                    max_length: int) -> dict:
+def summarize_split(dataset: Any, max_length: int) -> dict:
     """Counts for the data summary: conversations, turns, tokens, trained tokens, truncated."""
-    turns = tokens = trained = truncated = 0
-    for record, (ids, labels) in zip(records, tokenized, strict=True):
-        turns += sum(1 for m in record["messages"] if m["role"] == "assistant")
-        tokens += len(ids)
-        trained += sum(1 for label in labels[:max_length] if label != -100)
-        truncated += len(ids) > max_length
-    return {"conversations": len(records), "assistant_turns": turns, "tokens": tokens,
-            "trained_tokens": trained, "truncated": truncated}
+    tokens = list(dataset["tokens"])
+    return {"conversations": len(dataset), "assistant_turns": sum(dataset["turns"]),
+            "tokens": sum(tokens), "trained_tokens": sum(dataset["trained"]),
+            "truncated": sum(1 for n in tokens if n > max_length)}
 
 
 def print_summary(stats: dict[str, dict[str, int]], max_length: int) -> None:
@@ -282,13 +291,22 @@ def cut_prepared(dataset: Any, max_length: int) -> Any:
     return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
 
 
+def _as_dataset(rows: list[dict[str, Any]] | Any) -> Any:
+    """A datasets.Dataset for SFTTrainer: records become one (it tokenizes them); a tokenized
+    one loses its summary counts."""
+    from datasets import Dataset
+
+    if isinstance(rows, Dataset):
+        return rows.remove_columns([c for c in SUMMARY_COLUMNS if c in rows.column_names])
+    return Dataset.from_list(rows)
+
+
 def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSplit,
                   run_dir: Path, with_peft_config: bool,
                   callbacks: list[Any] | None = None, guard: Any = None) -> tuple[Any, Any]:
     """SFTTrainer with our callbacks; returns (trainer, early-stopping/best-weights callback).
     A recovery.SpikeGuard given as `guard` watches every step's loss."""
     import torch
-    from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback, ProgressCallback
     from transformers.integrations import TensorBoardCallback
@@ -306,8 +324,8 @@ def build_trainer(config: FitConfig, model: Any, tokenizer: Any, split: DataSpli
     best = BestAdapterEarlyStopping(config.early_stopping_patience, config.early_stopping_threshold)
     trainer = LossTapTrainer(
         model=model, args=sft_config(config, run_dir, on_gpu, has_eval),
-        train_dataset=Dataset.from_list(split.train),
-        eval_dataset=Dataset.from_list(split.validation) if has_eval else None,
+        train_dataset=_as_dataset(split.train),
+        eval_dataset=_as_dataset(split.validation) if has_eval else None,
         processing_class=tokenizer, peft_config=lora_config(config) if with_peft_config else None,
         callbacks=[ProgressBar(), EvalSummary(), best, CpuRepackingGuard(),
                    TensorBoardCallback(SummaryWriter(str(run_dir / "tensorboard"))),
@@ -534,14 +552,13 @@ def train(config: FitConfig, resume_dir: Path | None = None,
     tokenizer = load_tokenizer(config.base)
     check_data_files(config, tokenizer)
     split = load_split(config)
-    stats = {}
-    for name in ("train", "validation"):
-        records = getattr(split, name)
-        if records:
-            tokenized = tokenize_records(tokenizer, records)
-            stats[name] = summarize_split(records, tokenized, config.max_length)
-            setattr(split, name, with_tokens(records, tokenized))
+    tokenized = {name: tokenized_dataset(tokenizer, records, config.max_length)
+                 for name, records in (("train", split.train), ("validation", split.validation))
+                 if records}
+    stats = {name: summarize_split(dataset, config.max_length)
+             for name, dataset in tokenized.items()}
     print_summary(stats, config.max_length)
+    split = dataclasses.replace(split, **tokenized)
 
     root = Path(config.adapters_root)
     run_dir, is_main = shared_run_dir(config, root, resume_dir)

@@ -163,7 +163,8 @@ def test_only_assistant_spans_are_trained(tiny_base: Path, bundled_data: Path,
     split = fit_module.DataSplit(train=records, validation=[], files={})
     trainer, _ = fit_module.build_trainer(config, model, tokenizer, split, tmp_path / "run", True)
     prepared = [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
-    assert prepared == fit_module.tokenize_records(tokenizer, records, batch=3)
+    fed = fit_module.tokenized_dataset(tokenizer, records, config.max_length, batch=3)
+    assert prepared == list(zip(fed["input_ids"], fed["labels"], strict=True))
     example = trainer.train_dataset[0]
     spans, current = [], []
     for token, label in zip(example["input_ids"], example["labels"], strict=True):
