@@ -132,12 +132,11 @@ def peft_mixed_batch(peft: Any, prompts: list[list[int]], names: list[str], leng
 # -- engine -----------------------------------------------------------------------------------
 
 
-def make_engine(base: Path, adapters: list[Path], max_batch: int, device: str,
-                quantize: str = "nf4") -> Any:
-    from common.modeling import LoadOptions, load_base
+def make_engine(base: Path, adapters: list[Path], max_batch: int, options: Any) -> Any:
+    from common.modeling import load_base
     from server.engine import Engine, EngineConfig
 
-    model, tokenizer = load_base(str(base), LoadOptions(device=device, quantize=quantize))
+    model, tokenizer = load_base(str(base), options)
     engine = Engine(model, tokenizer, EngineConfig.build(
         max_batch=max_batch, max_loaded_adapters=max(len(adapters), 1), max_lora_rank=64,
         context_length=1024))
@@ -254,9 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = write_adapters(base, Path(tmp), max(count, args.stream_adapters), args.rank)
         four = [i % args.adapters for i in range(count)]
-        peft = peft_model_with(base, adapters[:count], LoadOptions(device, args.quantize))
-        engine = make_engine(base, adapters, max(args.max_batch, *args.streams), device,
-                             args.quantize)
+        options = LoadOptions(device, args.quantize)
+        peft = peft_model_with(base, adapters[:count], options)
+        engine = make_engine(base, adapters, max(args.max_batch, *args.streams), options)
         try:
             engine_run(engine, prompts[:2], ["bench0@1", None], [4, 4], "warm-up")
             naive_loop(peft, prompts[:1], ["a0"], [4])

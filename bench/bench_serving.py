@@ -485,7 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         adapters = build_adapters_root(base, root, written, args.rank, swap_versions)
         peft = peft_model_with(base, adapters[:args.adapters], LoadOptions(device))
-        engine = make_engine(base, adapters, args.max_batch, device)
+        engine = make_engine(base, adapters, args.max_batch, LoadOptions(device))
         server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, device=device,
             max_batch=max(args.max_batch, *args.streams), context_length=1024,
