@@ -199,6 +199,18 @@ def read_blocklist(path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ tokens
 
 
+def assistant_masks(tokenizer: Any, conversations: list[list[dict[str, str]]]
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Each conversation's ids through the chat template and its assistant mask (1 on the
+    tokens the template marks with {% generation %}), the whole list in one tokenizer call."""
+    if not conversations:
+        return []
+    out = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return [(list(ids), list(mask))
+            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+
+
 class TokenView:
     """The base tokenizer's view of text: the assistant mask, unknown text, control tokens."""
 
@@ -218,21 +230,6 @@ class TokenView:
             return []
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return list(zip(ids, self.tokenizer.batch_decode(ids), strict=True))
-
-    def masked(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        out = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), list(out["assistant_masks"])
-
-    def masked_all(self, conversations: list[list[dict[str, str]]]
-                   ) -> list[tuple[list[int], list[int]]]:
-        """`masked` of each conversation, tokenized in one batch."""
-        if not conversations:
-            return []
-        out = self.tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        return [(list(ids), list(mask))
-                for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
 
     def unknown_text(self, text: str, ids: list[int], decoded: str) -> list[str]:
         """Characters the vocabulary does not know: mapped to the unknown token, changed by a
@@ -276,7 +273,7 @@ def token_problems(records: list[Record], view: TokenView,
     # A record with structure errors may not render; its errors are already reported.
     renderable = [r for r in usable if not any(
         p.line == r.line and p.is_error for p in structure_problems(r))]
-    masked = view.masked_all([r.messages for r in renderable])
+    masked = assistant_masks(view.tokenizer, [r.messages for r in renderable])
     for record, (ids, mask) in zip(renderable, masked, strict=True):
         found.extend(_mask_problems(record, ids, mask, max_length, stats))
     limit = _long_turn_limit([n for _, _, n in turn_lengths])
@@ -349,7 +346,7 @@ def refuse_untrainable(check: DataCheck) -> None:
 
 def render_mask(view: TokenView, messages: list[dict[str, str]], color: bool) -> str:
     """The conversation as the model sees it, trained tokens highlighted."""
-    ids, mask = view.masked(messages)
+    (ids, mask), = assistant_masks(view.tokenizer, [messages])
     start, end = (ANSI_TRAINED, ANSI_RESET) if color else PLAIN_TRAINED
     pieces = []
     for trained, group in groupby(zip(ids, mask, strict=True), key=lambda pair: bool(pair[1])):

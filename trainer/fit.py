@@ -163,29 +163,34 @@ def _file_record(path: str, count: int) -> dict[str, Any]:
 SUMMARY_COLUMNS = ("tokens", "trained", "turns")
 
 
+def _labels(ids: list[int], mask: list[int]) -> list[int]:
+    """The ids with -100 outside the assistant spans, as SFTTrainer builds its labels."""
+    return [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+
+
 def tokenize_batch(tokenizer: Any, conversations: list[list[dict[str, str]]],
                    max_length: int) -> dict[str, list]:
-    """input_ids and labels of conversations through the base's chat template, in one call:
-    labels are -100 outside the assistant spans that the template marks with
-    {% generation %}, as SFTTrainer builds them. With each one's counts for the data summary."""
-    out = tokenizer.apply_chat_template(
-        conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    """input_ids and labels of conversations through the base's chat template, in one call,
+    with each one's counts for the data summary."""
+    from trainer.check_data import assistant_masks
+
     columns: dict[str, list] = {name: [] for name in ("input_ids", "labels", *SUMMARY_COLUMNS)}
-    for messages, ids, mask in zip(conversations, out["input_ids"], out["assistant_masks"],
-                                   strict=True):
-        labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
-        columns["input_ids"].append(list(ids))
-        columns["labels"].append(labels)
+    masked = assistant_masks(tokenizer, conversations)
+    for messages, (ids, mask) in zip(conversations, masked, strict=True):
+        columns["input_ids"].append(ids)
+        columns["labels"].append(_labels(ids, mask))
         columns["tokens"].append(len(ids))
-        columns["trained"].append(sum(1 for label in labels[:max_length] if label != -100))
+        columns["trained"].append(sum(mask[:max_length]))
         columns["turns"].append(sum(1 for m in messages if m["role"] == "assistant"))
     return columns
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list, list]:
-    """(input_ids, labels) of one conversation, as `tokenize_batch` gives them."""
-    columns = tokenize_batch(tokenizer, [messages], max_length=0)
-    return columns["input_ids"][0], columns["labels"][0]
+    """(input_ids, labels) of one conversation through the base's chat template."""
+    from trainer.check_data import assistant_masks
+
+    (ids, mask), = assistant_masks(tokenizer, [messages])
+    return ids, _labels(ids, mask)
 
 
 def tokenized_dataset(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
