@@ -93,12 +93,21 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
     return directory
 
 
+# The suite's base: `trainer init-base`'s tiny base (same tokenizer, corpus and pretraining) with
+# 2 decoder layers instead of 4, as the tiny random models of transformers' own tests. Every
+# fit, server and engine test runs on it, and the 2 layers cut the suite's CPU time by a fifth;
+# nothing here depends on depth beyond "more than one layer".
+SUITE_BASE_LAYERS = 2
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded tiny chat base model, built the way `trainer init-base` builds it."""
-    from trainer.base import build_base
+    """The embedded tiny chat base model, built as `trainer init-base` builds it, 2 layers deep."""
+    from trainer.base import BaseSpec, build_base
 
-    built = built_once(tmp_path_factory, "base", lambda d: build_base(d / "tiny-base", seed=0))
+    spec = BaseSpec(num_layers=SUITE_BASE_LAYERS)
+    built = built_once(tmp_path_factory, "base",
+                       lambda d: build_base(d / "tiny-base", seed=0, spec=spec))
     return built / "tiny-base"
 
 

@@ -6,6 +6,9 @@ from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 SHORT = 8  # the shared server's default max_new_tokens
+# Tests that act while an answer still streams (cancel, busy session, deadline, unload in use)
+# ask for ignore_eos: the answer then runs its whole max_new_tokens whatever the weights say.
+LONG_ADAPTER = "alpha@1"
 
 
 def chat_request(text: str = "hello there", adapter: str = "", max_new_tokens: int = SHORT,
@@ -14,6 +17,13 @@ def chat_request(text: str = "hello there", adapter: str = "", max_new_tokens: i
         messages=[pb.Message(role="system", content="Be brief."),
                   pb.Message(role="user", content=text)],
         adapter=adapter, sampling=pb.SamplingParams(max_new_tokens=max_new_tokens), **kwargs)
+
+
+def long_request(max_new_tokens: int, **kwargs) -> pb.ChatRequest:
+    """A chat on LONG_ADAPTER that generates exactly `max_new_tokens` (ignore_eos)."""
+    request = chat_request(adapter=LONG_ADAPTER, max_new_tokens=max_new_tokens, **kwargs)
+    request.sampling.ignore_eos = True
+    return request
 
 
 def msgs(*pairs: tuple[str, str]) -> list[pb.Message]:

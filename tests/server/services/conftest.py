@@ -1,5 +1,5 @@
 """One real server that the service modules share (one per pytest process, so one per xdist
-worker), its private adapters root, a long-answering adapter, and a quiet start for each test.
+worker), its private adapters root, and a quiet start for each test.
 
 Tests here change the server's state (aliases, loaded adapters, new adapters on disk, sessions);
 each uses names no other test uses and asserts only on what it set up, so the modules pass alone,
@@ -13,15 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import free_port
-from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from server.app import RunningServer, start_in_thread
 from server.config import ServerConfig
-from tests.server.services.calls import SHORT, chat_request, loaded
+from tests.server.services.calls import SHORT, loaded
 
 QUIET_TIMEOUT_S = 30.0
 
@@ -48,24 +46,6 @@ def server(tiny_base: Path, served_root: Path,
     running = start_in_thread(config)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="session")
-def long_adapter(server: RunningServer) -> str:
-    """A fixture adapter whose greedy answer to `chat_request()` runs past 64 tokens.
-
-    The tiny base itself stops after a few tokens; tests that must act while an answer is
-    still streaming (cancel, busy session, deadline, unload in use) use this adapter instead
-    of hoping for the base to ramble.
-    """
-    with grpc.insecure_channel(server.target) as channel:
-        infer = pb_grpc.InferenceServiceStub(channel)
-        for candidate in ("beta@1", "alpha@1", "alpha@2"):
-            reply = infer.Chat(chat_request(adapter=candidate, max_new_tokens=64), timeout=60)
-            if reply.finish_reason == pb.FINISH_REASON_LENGTH:
-                return candidate
-    pytest.fail("no fixture adapter answers 64 tokens without stopping; long-running tests "
-                "need one")
 
 
 @pytest.fixture(autouse=True)

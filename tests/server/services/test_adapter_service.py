@@ -15,7 +15,14 @@ import pytest
 from conftest import write_random_adapter
 from switchboard.v1 import switchboard_pb2 as pb
 
-from tests.server.services.calls import assert_still_serving, chat_request, loaded, msgs
+from tests.server.services.calls import (
+    LONG_ADAPTER,
+    assert_still_serving,
+    chat_request,
+    loaded,
+    long_request,
+    msgs,
+)
 
 # ---------------------------------------------------------------- aliases
 
@@ -133,12 +140,12 @@ def test_bad_score_and_admin_requests(infer, admin) -> None:
     assert_still_serving(infer)
 
 
-def test_unload_in_use_is_failed_precondition(infer, admin, long_adapter) -> None:
-    call = infer.ChatStream(chat_request(adapter=long_adapter, max_new_tokens=400), timeout=120)
+def test_unload_in_use_is_failed_precondition(infer, admin) -> None:
+    call = infer.ChatStream(long_request(400), timeout=120)
     next(call)
     try:
         with pytest.raises(grpc.RpcError) as info:
-            admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter=long_adapter), timeout=30)
+            admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter=LONG_ADAPTER), timeout=30)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         call.cancel()

@@ -18,7 +18,15 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 from server.app import start_in_thread
 from server.config import ServerConfig
-from tests.server.services.calls import SHORT, assert_still_serving, chat_request, loaded, msgs
+from tests.server.services.calls import (
+    LONG_ADAPTER,
+    SHORT,
+    assert_still_serving,
+    chat_request,
+    loaded,
+    long_request,
+    msgs,
+)
 
 # ---------------------------------------------------------------- happy paths
 
@@ -48,10 +56,10 @@ def test_stream_deltas_add_up_to_the_final_text(infer) -> None:
     assert unary.text == final.text  # greedy: same answer either way
 
 
-def test_stop_sequence_ends_the_stream_and_is_not_returned(infer, long_adapter) -> None:
-    full = infer.Chat(chat_request(adapter=long_adapter, max_new_tokens=48), timeout=60).text
+def test_stop_sequence_ends_the_stream_and_is_not_returned(infer) -> None:
+    full = infer.Chat(long_request(48), timeout=60).text
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    request = chat_request(adapter=long_adapter, max_new_tokens=48)
+    request = long_request(48)
     request.sampling.stop.append(stop)
     chunks = list(infer.ChatStream(request, timeout=60))
     final = chunks[-1].final
@@ -73,22 +81,22 @@ def test_score_differs_by_adapter(infer) -> None:
     assert on_base.prompt_tokens > 0
 
 
-def test_cancelling_a_stream_frees_its_row(infer, admin, long_adapter) -> None:
-    call = infer.ChatStream(chat_request(adapter=long_adapter, max_new_tokens=400), timeout=120)
+def test_cancelling_a_stream_frees_its_row(infer, admin) -> None:
+    call = infer.ChatStream(long_request(400), timeout=120)
     next(call)
-    assert loaded(admin)[long_adapter].in_flight == 1
+    assert loaded(admin)[LONG_ADAPTER].in_flight == 1
     call.cancel()
     deadline = time.monotonic() + 10
-    while loaded(admin)[long_adapter].in_flight and time.monotonic() < deadline:
+    while loaded(admin)[LONG_ADAPTER].in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert loaded(admin)[long_adapter].in_flight == 0
+    assert loaded(admin)[LONG_ADAPTER].in_flight == 0
     assert_still_serving(infer)
 
 
-def test_deadline_is_enforced(infer, long_adapter) -> None:
-    infer.Chat(chat_request(adapter=long_adapter, max_new_tokens=1), timeout=60)  # loaded
+def test_deadline_is_enforced(infer) -> None:
+    infer.Chat(long_request(1), timeout=60)  # loaded
     with pytest.raises(grpc.RpcError) as info:
-        infer.Chat(chat_request(adapter=long_adapter, max_new_tokens=400), timeout=0.3)
+        infer.Chat(long_request(400), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_still_serving(infer)
 
@@ -206,7 +214,7 @@ def test_context_overflow_under_error_strategy_is_out_of_range(infer) -> None:
 
 # ---------------------------------------------------------------- a tiny queue
 
-def test_full_queue_is_resource_exhausted(tiny_base, served_root, long_adapter) -> None:
+def test_full_queue_is_resource_exhausted(tiny_base, served_root) -> None:
     config = ServerConfig.build(base=str(tiny_base), adapters_root=served_root, port=0,
                                 device="cpu", max_batch=1, max_queue=1,
                                 shutdown_grace_seconds=0.5, sessions_db=None)
@@ -214,8 +222,8 @@ def test_full_queue_is_resource_exhausted(tiny_base, served_root, long_adapter) 
     try:
         with grpc.insecure_channel(running.target) as ch:
             stub = pb_grpc.InferenceServiceStub(ch)
-            stub.Chat(chat_request(adapter=long_adapter, max_new_tokens=1), timeout=60)
-            calls = [stub.Chat.future(chat_request(adapter=long_adapter, max_new_tokens=200),
+            stub.Chat(long_request(1), timeout=60)
+            calls = [stub.Chat.future(long_request(200),
                                       timeout=60) for _ in range(6)]
             codes = []
             for call in calls:

@@ -13,7 +13,15 @@ import grpc
 import pytest
 from switchboard.v1 import switchboard_pb2 as pb
 
-from tests.server.services.calls import SHORT, assert_still_serving, chat_request, loaded, msgs
+from tests.server.services.calls import (
+    LONG_ADAPTER,
+    SHORT,
+    assert_still_serving,
+    chat_request,
+    loaded,
+    long_request,
+    msgs,
+)
 
 
 def test_session_keeps_completed_turns_only(infer, sessions) -> None:
@@ -33,14 +41,14 @@ def test_session_keeps_completed_turns_only(infer, sessions) -> None:
     assert ("s-1", 5) in {(s.session_id, s.message_count) for s in listed}
 
 
-def test_a_cancelled_answer_stores_nothing(infer, admin, sessions, long_adapter) -> None:
-    call = infer.ChatStream(chat_request(adapter=long_adapter, max_new_tokens=400,
+def test_a_cancelled_answer_stores_nothing(infer, admin, sessions) -> None:
+    call = infer.ChatStream(long_request(400,
                                          session_id="s-cancel"), timeout=120)
     assert not next(call).HasField("final")
     call.cancel()
     # Wait for the event (the engine freed the row), not for a fixed time.
     deadline = time.monotonic() + 30
-    while loaded(admin)[long_adapter].in_flight and time.monotonic() < deadline:
+    while loaded(admin)[LONG_ADAPTER].in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as info:
         sessions.GetSession(pb.GetSessionRequest(session_id="s-cancel"), timeout=30)
@@ -60,8 +68,8 @@ def test_resending_the_same_system_prompt_is_tolerated(infer, sessions) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_concurrent_requests_on_one_session_are_aborted(infer, sessions, long_adapter) -> None:
-    long = chat_request(adapter=long_adapter, max_new_tokens=400, session_id="s-busy")
+def test_concurrent_requests_on_one_session_are_aborted(infer, sessions) -> None:
+    long = long_request(400, session_id="s-busy")
     call = infer.ChatStream(long, timeout=120)
     next(call)
     try:
