@@ -45,7 +45,7 @@ _skip_the_unused_compiler()
 
 # The modules that hold a worker longest (seconds on 2 idle cores), queued first so that the two
 # xdist workers finish together (longest first) instead of one running a long module alone at the
-# end. test_fit's worker builds the tiny base (about a minute) while the other runs the modules
+# end. test_fit's worker builds the tiny base (about half a minute) while the other runs the modules
 # before and right after it, which need no base, instead of waiting for it; then come the other
 # modules of 10-40 s, so that the short ones fill the end. Only an order (the Makefile passes
 # --no-loadscope-reorder); a module not named keeps its place after these.
