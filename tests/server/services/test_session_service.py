@@ -42,8 +42,7 @@ def test_session_keeps_completed_turns_only(infer, sessions) -> None:
 
 
 def test_a_cancelled_answer_stores_nothing(infer, admin, sessions) -> None:
-    call = infer.ChatStream(long_request(400,
-                                         session_id="s-cancel"), timeout=120)
+    call = infer.ChatStream(long_request(400, session_id="s-cancel"), timeout=120)
     assert not next(call).HasField("final")
     call.cancel()
     # Wait for the event (the engine freed the row), not for a fixed time.
