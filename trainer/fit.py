@@ -185,14 +185,6 @@ def tokenize_batch(tokenizer: Any, conversations: list[list[dict[str, str]]],
     return columns
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list, list]:
-    """(input_ids, labels) of one conversation through the base's chat template."""
-    from trainer.check_data import assistant_masks
-
-    (ids, mask), = assistant_masks(tokenizer, [messages])
-    return ids, _labels(ids, mask)
-
-
 def tokenized_dataset(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
                       batch: int = 1024) -> Any:
     """The records as a datasets.Dataset with their tokens and summary counts, a batch of

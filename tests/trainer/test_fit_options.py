@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from trainer import fit as fit_module
+from trainer.check_data import assistant_masks
 from trainer.cli import main
 from trainer.config import build_config
 
@@ -120,9 +121,10 @@ def test_packing_fills_rows_with_whole_conversations_trained_on_answers_only(
     # The collated batches: every segment between position-id restarts is one whole
     # conversation of the data, trained on exactly its assistant answers; each appears once.
     model, tokenizer = load_base(str(tiny_base), LoadOptions("cpu", "none"))
+    records = _records(data)
     expected = {}
-    for record in _records(data):
-        ids, _ = fit_module.tokenize_conversation(tokenizer, record["messages"])
+    for record, (ids, _) in zip(records, assistant_masks(
+            tokenizer, [r["messages"] for r in records]), strict=True):
         answers = [m["content"] + tokenizer.eos_token
                    for m in record["messages"] if m["role"] == "assistant"]
         expected[tuple(ids)] = answers
@@ -244,10 +246,9 @@ def test_validation_split_holds_out_a_deterministic_disjoint_fraction(
 
     # What the trainer was fed, mapped back to the data file's conversations by their tokens.
     tokenizer = load_tokenizer(str(tiny_base))
-    by_tokens = {}
-    for record in _records(data):
-        ids, _ = fit_module.tokenize_conversation(tokenizer, record["messages"])
-        by_tokens[tuple(ids)] = _key(record)
+    records = _records(data)
+    by_tokens = {tuple(ids): _key(record) for record, (ids, _) in zip(
+        records, assistant_masks(tokenizer, [r["messages"] for r in records]), strict=True)}
     assert len(by_tokens) == 32  # all distinct, and none cut at this max_length
     trained = [by_tokens[row] for row in _token_rows(fed.train)]
     evaluated = [by_tokens[row] for row in _token_rows(fed.eval)]
