@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.modeling import load_base
-from server.cpu4bit import Cpu4bitLinear, use_direct_cpu_kernels
+from server.cpu4bit import Cpu4bitLinear, DenseScratch, use_direct_cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,11 @@ def test_the_swap_takes_every_cpu_4bit_layer_and_keeps_the_models_output(tiny_ba
     footprint = model.get_memory_footprint()
     count = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert use_direct_cpu_kernels(model) == count
+    direct = [m for m in model.modules() if isinstance(m, Cpu4bitLinear)]
+    # On this build every layer dequantizes through bitsandbytes' C function into one scratch
+    # shared by the model (a renamed function would fall back to the op, slower but right).
+    assert all(m.calls_kernel_directly for m in direct)
+    assert len({id(m.scratch) for m in direct}) == 1
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     # The packed weights are still counted, plus the scales unpacked once (4 bytes per 64).
     assert footprint <= model.get_memory_footprint() <= footprint * 1.1
@@ -51,3 +57,32 @@ def test_the_swap_takes_every_cpu_4bit_layer_and_keeps_the_models_output(tiny_ba
 def test_other_layers_keep_their_own_forward():
     assert Cpu4bitLinear.of(torch.nn.Linear(64, 64, bias=False)) is None  # not 4-bit
     assert Cpu4bitLinear.of(torch.nn.LayerNorm(64)) is None
+
+
+def test_a_forward_autograd_records_keeps_its_own_dense_weight(base_4bit):
+    import bitsandbytes as bnb
+
+    first, second = [m for m in base_4bit.modules() if isinstance(m, bnb.nn.Linear4bit)][:2]
+    scratch = DenseScratch()
+    direct, other = Cpu4bitLinear.of(first, scratch), Cpu4bitLinear.of(second, scratch)
+    torch.manual_seed(0)
+    x = torch.randn(3, first.in_features, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    y = direct(x)
+    with torch.inference_mode():
+        other(torch.randn(3, second.in_features))  # reuses the scratch meanwhile
+    y.square().sum().backward()
+    first(reference).square().sum().backward()
+    assert torch.equal(x.grad, reference.grad)
+
+
+def test_the_scratch_is_reused_within_a_thread_and_separate_across_threads():
+    scratch = DenseScratch()
+    here = scratch.take(64, torch.float32)
+    assert scratch.take(32, torch.float32).data_ptr() == here.data_ptr()  # no new memory
+    assert scratch.take(128, torch.float32).numel() == 128  # grown when too small
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(scratch.take(64, torch.float32)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0].data_ptr() != scratch.take(64, torch.float32).data_ptr()
