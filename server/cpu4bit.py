@@ -13,6 +13,7 @@ left alone (their kernels are captured in graphs there).
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from torch import nn
 _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+@functools.cache
 def dequantize_kernel(quant_type: str, dtype: torch.dtype) -> Callable[..., Any] | None:
     """bitsandbytes' C function that dequantizes 4-bit blocks into a caller's buffer; None where
     this build lacks it (the layer then calls bitsandbytes' op instead)."""
@@ -44,6 +46,10 @@ class DenseScratch:
 
     def __init__(self) -> None:
         self._local = threading.local()
+
+    def __reduce__(self) -> tuple[type[DenseScratch], tuple[()]]:
+        # A copied or pickled model gets empty scratch of its own (thread-locals do not copy).
+        return (DenseScratch, ())
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """`numel` elements of this thread's buffer for `dtype` (grown when too small)."""
@@ -69,18 +75,12 @@ class Cpu4bitLinear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
         self.scratch = scratch or DenseScratch()
-        self._kernel = None
-        # bitsandbytes' op sends odd rows and (with AVX-512) blocks of 2048 or more elsewhere.
-        if (packed.dtype == torch.uint8 and packed.is_contiguous() and absmax.is_contiguous()
-                and self.in_features % 2 == 0 and self.blocksize < 2048):
-            self._kernel = dequantize_kernel(self.quant_type, compute_dtype)
-        self._sizes = [ctypes.c_longlong(v)
-                       for v in (self.blocksize, self.out_features, self.in_features)]
-
-    @property
-    def calls_kernel_directly(self) -> bool:
-        """Whether forwards without autograd dequantize through the C function into scratch."""
-        return self._kernel is not None
+        # Whether forwards without autograd dequantize through the C function into scratch
+        # (bitsandbytes' op sends odd rows and, with AVX-512, blocks of 2048 or more elsewhere).
+        self.calls_kernel_directly = (
+            packed.dtype == torch.uint8 and packed.is_contiguous() and absmax.is_contiguous()
+            and self.in_features % 2 == 0 and self.blocksize < 2048
+            and dequantize_kernel(self.quant_type, compute_dtype) is not None)
 
     @classmethod
     def of(cls, layer: nn.Module, scratch: DenseScratch | None = None) -> Cpu4bitLinear | None:
@@ -113,14 +113,15 @@ class Cpu4bitLinear(nn.Module):
     def _dense(self, keep: bool) -> torch.Tensor:
         """The dense weight (out, in); `keep`: autograd holds it, so it gets its own memory."""
         shape = (self.out_features, self.in_features)
-        if keep or self._kernel is None:
+        if keep or not self.calls_kernel_directly:
             return torch.ops.bitsandbytes.dequantize_4bit.default(
                 self.packed, self.absmax, self.blocksize, self.quant_type, shape,
                 self.compute_dtype)
         dense = self.scratch.take(shape[0] * shape[1], self.compute_dtype).view(shape)
-        self._kernel(ctypes.c_void_p(self.packed.data_ptr()),
-                     ctypes.c_void_p(self.absmax.data_ptr()),
-                     ctypes.c_void_p(dense.data_ptr()), *self._sizes)
+        kernel = dequantize_kernel(self.quant_type, self.compute_dtype)
+        kernel(ctypes.c_void_p(self.packed.data_ptr()), ctypes.c_void_p(self.absmax.data_ptr()),
+               ctypes.c_void_p(dense.data_ptr()), ctypes.c_longlong(self.blocksize),
+               ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]))
         return dense
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -86,3 +87,15 @@ def test_the_scratch_is_reused_within_a_thread_and_separate_across_threads():
     thread.start()
     thread.join()
     assert elsewhere[0].data_ptr() != scratch.take(64, torch.float32).data_ptr()
+
+
+def test_a_copied_layer_gets_scratch_of_its_own_and_the_same_output(base_4bit):
+    import bitsandbytes as bnb
+
+    layer = next(m for m in base_4bit.modules() if isinstance(m, bnb.nn.Linear4bit))
+    direct = Cpu4bitLinear.of(layer)
+    twin = copy.deepcopy(direct)
+    assert twin.scratch is not direct.scratch
+    x = torch.randn(2, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(twin(x), direct(x))
