@@ -37,6 +37,11 @@ def _records(path: Path) -> list[dict]:
     return [{"messages": c.to_openai()} for c in load_conversations(path)]
 
 
+def _token_ids(tokenizer, records: list[dict]) -> list[tuple[int, ...]]:
+    """Each record's conversation as the base's chat template tokenizes it, in one batch."""
+    return [tuple(ids) for ids, _ in assistant_masks(tokenizer, [r["messages"] for r in records])]
+
+
 def _key(record: dict) -> str:
     return json.dumps(record["messages"], sort_keys=True)
 
@@ -123,11 +128,10 @@ def test_packing_fills_rows_with_whole_conversations_trained_on_answers_only(
     model, tokenizer = load_base(str(tiny_base), LoadOptions("cpu", "none"))
     records = _records(data)
     expected = {}
-    for record, (ids, _) in zip(records, assistant_masks(
-            tokenizer, [r["messages"] for r in records]), strict=True):
+    for record, ids in zip(records, _token_ids(tokenizer, records), strict=True):
         answers = [m["content"] + tokenizer.eos_token
                    for m in record["messages"] if m["role"] == "assistant"]
-        expected[tuple(ids)] = answers
+        expected[ids] = answers
     seen, batches = [], list(fed.train)
     for batch in batches:
         assert "attention_mask" not in batch  # boundaries come from position_ids alone
@@ -247,8 +251,8 @@ def test_validation_split_holds_out_a_deterministic_disjoint_fraction(
     # What the trainer was fed, mapped back to the data file's conversations by their tokens.
     tokenizer = load_tokenizer(str(tiny_base))
     records = _records(data)
-    by_tokens = {tuple(ids): _key(record) for record, (ids, _) in zip(
-        records, assistant_masks(tokenizer, [r["messages"] for r in records]), strict=True)}
+    by_tokens = {ids: _key(record)
+                 for record, ids in zip(records, _token_ids(tokenizer, records), strict=True)}
     assert len(by_tokens) == 32  # all distinct, and none cut at this max_length
     trained = [by_tokens[row] for row in _token_rows(fed.train)]
     evaluated = [by_tokens[row] for row in _token_rows(fed.eval)]
