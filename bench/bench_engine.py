@@ -8,7 +8,9 @@ min/max tokens for PEFT and `ignore_eos` for the engine):
   (4) 16 requests over 16 distinct adapters vs 16 over one adapter, engine and PEFT batch;
   (5) 16 and 64 streams over 16 adapters and over 1: tok/s, the engine's own time per step
       (everything but the model forward, timed apart by the engine) and, on CUDA, the bare
-      base's captured decode step at that batch (the graph floor) with the ratio to it.
+      base's captured decode step at that batch (the graph floor) with the ratio to it; then
+      over 16 adapters again with decoding ahead switched the other way (on by default on
+      CUDA only), as that setting's baseline.
 Runs on the machine's device (--device auto). Prints tables and writes JSON with --out.
 
     .venv/bin/python bench/bench_engine.py --base build/tiny-base --out bench_engine.json
@@ -168,6 +170,7 @@ class StreamRun:
 
     streams: int
     adapters: int
+    decode_ahead: bool
     tokens_per_s: float
     engine_ms_per_step: float  # step time minus model forward time, per step
     forward_ms_per_step: float
@@ -190,26 +193,31 @@ def stream_run(engine: Any, prompts: list[list[int]], streams: int, adapters: in
     steps = after.steps - before.steps
     forward = after.forward_seconds - before.forward_seconds
     own = (after.step_seconds - before.step_seconds) - forward
-    return StreamRun(streams, adapters, measured.tokens_per_s, own / steps * 1e3,
-                     forward / steps * 1e3, floor_ms)
+    return StreamRun(streams, adapters, engine.decodes_ahead, measured.tokens_per_s,
+                     own / steps * 1e3, forward / steps * 1e3, floor_ms)
 
 
 def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace,
                  floors: dict[int, float]) -> list[StreamRun]:
     runs = []
+    default = engine.decodes_ahead
     for streams in args.streams:
         # Unmeasured: the first prefill of a new batch shape grows the device's memory pool
         # (and on the CPU the allocator's), a one-time cost that is not the steady state.
         stream_run(engine, prompts, streams, args.stream_adapters, 2, None)
-        for adapters in (args.stream_adapters, 1):
+        for adapters, ahead in ((args.stream_adapters, default), (1, default),
+                                (args.stream_adapters, not default)):
+            engine.decodes_ahead = ahead  # the engine is idle between runs; read each step
             runs.append(stream_run(engine, prompts, streams, adapters, args.mix_tokens,
                                    floors.get(streams)))
-    print(f"\n{'streams':>7} {'adapters':>8} {'tok/s':>9} {'engine ms/step':>15} "
+        engine.decodes_ahead = default
+    print(f"\n{'streams':>7} {'adapters':>8} {'ahead':>5} {'tok/s':>9} {'engine ms/step':>15} "
           f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9}")
     for run in runs:
         floor = "-" if run.floor_ms is None else f"{run.floor_ms:.2f}"
         ratio = "-" if run.vs_floor is None else f"{run.vs_floor:.2f}"
-        print(f"{run.streams:7d} {run.adapters:8d} {run.tokens_per_s:9.1f} "
+        ahead = "on" if run.decode_ahead else "off"
+        print(f"{run.streams:7d} {run.adapters:8d} {ahead:>5} {run.tokens_per_s:9.1f} "
               f"{run.engine_ms_per_step:15.3f} {run.forward_ms_per_step:16.3f} {floor:>9} "
               f"{ratio:>9}")
     return runs

@@ -51,8 +51,8 @@ class AdapterCacheConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine settings: the KV shape, prefill chunking, CUDA graphs, the default answer length,
-    and the scheduler and adapter cache sections."""
+    """Engine settings: the KV shape, prefill chunking, CUDA graphs, decoding ahead, the default
+    answer length, and the scheduler and adapter cache sections."""
 
     # Each row's KV capacity, allocated at start for max_batch rows.
     context_length: int = setting(
@@ -62,6 +62,10 @@ class EngineConfig:
         512, "longest prefill forward; longer prompts run in chunks")
     cuda_graphs: bool | None = setting(
         None, "replay decode steps as CUDA graphs (default: on for CUDA only)")
+    # On the CPU a step runs as it is launched, so there is nothing to overlap there.
+    decode_ahead: bool | None = setting(
+        None, "launch each decode step before reading the last one's tokens, so the device "
+              "works while the host handles them (default: on for CUDA only)")
     default_max_new_tokens: int = setting(128, "answer length when a request names none")
     scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
     cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")
@@ -73,8 +77,9 @@ class EngineConfig:
                 "an AdapterCacheConfig")
         require_non_negative(self, "context_length", zero_means="the model's own")
         require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
-        require(self.cuda_graphs in (None, True, False), "cuda_graphs", self.cuda_graphs,
-                "true, false or None (on for CUDA only)")
+        for name in ("cuda_graphs", "decode_ahead"):
+            require(getattr(self, name) in (None, True, False), name, getattr(self, name),
+                    "true, false or None (on for CUDA only)")
         if self.context_length:
             require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
                     self.default_max_new_tokens, f"< context_length ({self.context_length})")

@@ -188,11 +188,30 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
     return tokens
 
 
+def greedy_picks(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(2, B) on the logits' device, read later by `read_greedy_picks`: each row's argmax (also
+    written to `out`, where the next step reads it) and 1 where the row's logits are finite.
+    Nothing here waits for the device."""
+    choice, best = row_argmax(logits)
+    out.copy_(choice)
+    return torch.stack((choice, torch.isfinite(best).long()))
+
+
+def read_greedy_picks(picks: torch.Tensor) -> list[int | RowFailedError]:
+    """Each row's token from `greedy_picks`, or its error where its logits were not finite."""
+    picked, finite = picks.tolist()
+    return [token if ok else _non_finite() for token, ok in zip(picked, finite, strict=True)]
+
+
+def _non_finite() -> RowFailedError:
+    return RowFailedError(
+        "the model produced non-finite logits for this request (a damaged adapter?); the "
+        "other requests of the batch were not affected")
+
+
 def _choose_alone(row: RowSampler, logits: torch.Tensor, finite: bool) -> int | RowFailedError:
     if not finite:
-        return RowFailedError(
-            "the model produced non-finite logits for this request (a damaged adapter?); the "
-            "other requests of the batch were not affected")
+        return _non_finite()
     try:
         return row.choose(logits)
     except Exception as exc:  # this row alone fails; the batch goes on

@@ -3,7 +3,12 @@
 Every loop iteration is one fixed sequence (vLLM's `EngineCore.step`): collect finished adapter
 reads and install them, schedule, execute (decode every running row, prefill the admitted ones),
 apply the aborts that arrived meanwhile, update request state, emit token ids, free the rows
-that finished. When there is nothing to do the thread blocks on its inbox. Other threads talk
+that finished. When there is nothing to do the thread blocks on its inbox.
+
+Decoding ahead (on by default on CUDA, as vLLM's async scheduling): while every row is greedy
+and nobody joins, each step also launches the next decode before it reads its own tokens, so
+the device computes step N+1 while the host updates, emits and schedules step N. A row that
+finishes at step N was also run in step N+1; that token is dropped. Other threads talk
 to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapter`,
 `loaded_adapters`, `score`, `stats`, `shutdown`.
 
@@ -38,7 +43,7 @@ from server.adapter_cache import (
 )
 from server.cpu4bit import use_direct_cpu_kernels
 from server.engine.loader import AdapterLoader, LoadDone
-from server.engine.runner import ModelRunner, RunnerConfig
+from server.engine.runner import LaunchedDecode, ModelRunner, RunnerConfig
 from server.engine_config import EngineConfig
 from server.errors import (
     AdapterInUseError,
@@ -148,6 +153,9 @@ class Engine:
         self._idle = True
         self._stats = [0, 0, 0.0, 0.0]  # steps, rows, step seconds, forward seconds
         self.graph_capture_seconds: float | None = None
+        ahead = self.config.decode_ahead
+        self.decodes_ahead = self.runner.device.type == "cuda" if ahead is None else ahead
+        self._ahead: LaunchedDecode | None = None  # the decode launched for the next step
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -461,6 +469,7 @@ class Engine:
             self._step(plan)
         except Exception as exc:  # not one row's fault: the step's rows fail, others go on
             log.exception("engine step failed")
+            self._ahead = None
             failed = self.runner.drop_all()
             for request in [*self.scheduler.take_running(), *plan.admitted]:
                 if request not in failed:
@@ -475,7 +484,7 @@ class Engine:
         forward_before = self.runner.forward_seconds
         tokens: dict[Request, int | BaseException] = {}
         if self.runner.num_rows:
-            tokens.update(self.runner.decode())
+            tokens.update(self._decode(plan))
         if plan.admitted:
             now = time.monotonic()
             for request in plan.admitted:
@@ -492,6 +501,8 @@ class Engine:
             # Even when packing failed: the finished requests are in no row or queue any more,
             # so only this tells their callers.
             self._emit(outputs, aborted)
+        if not self.runner.num_rows:
+            self._ahead = None  # every row it ran has finished: nothing in it is wanted
         stats = self._stats
         stats[0] += 1
         stats[1] += len(plan.rows)
@@ -501,6 +512,17 @@ class Engine:
             adapters = len({r.adapter_label for r in plan.rows})  # the bare base counts as one
             self._notify("on_step", len(plan.rows), self.scheduler.num_running,
                          self.scheduler.num_waiting, adapters)
+
+    def _decode(self, plan: StepPlan) -> dict[Request, int | BaseException]:
+        """This step's decode (launched by the last step when it ran ahead), after launching
+        the next step's when nothing stands in the way: a joining row, or one that samples."""
+        runner = self.runner
+        current = self._ahead or runner.launch_decode(deferred=False)
+        self._ahead = None
+        if (self.decodes_ahead and not plan.admitted and runner.num_rows
+                and runner.all_plain_greedy):
+            self._ahead = runner.launch_decode(deferred=True)
+        return runner.collect(current)
 
     # -- engine thread: events ---------------------------------------------------------------
 

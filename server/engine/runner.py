@@ -6,13 +6,18 @@ is also the position of its next token, and its LoRA slot) are allocated once, s
 step reads the same memory every time and can be replayed as a CUDA graph (`server.engine.
 graphs`); on the CPU the same code runs eagerly. Prefill stays eager, in chunks of at most
 `prefill_chunk_tokens` columns. LoRA routing is set here, once per forward.
+
+A decode step is launched, then read (`launch_decode`, `collect`). Launched deferred, its greedy
+tokens are picked on the device and copied to the host in the background, so the engine can
+launch the next step, which reads them where they lie, before it reads this one's: on a GPU the
+host's work of one step then overlaps the device's work of the next.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +25,10 @@ import torch
 from server.engine.kv import PrefillWrite, SlotKVCache
 from server.lora import LoraStack
 from server.request import Request
-from server.sampling import sample_batch
+from server.sampling import greedy_picks, read_greedy_picks, sample_batch
+
+# Decodes launched and not yet read, at most: the one being read and the one launched ahead.
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,17 @@ class RunnerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class LaunchedDecode:
+    """A decode step launched and not yet read: its rows as they were at launch, and either
+    their tokens (sampled at launch) or each row's greedy pick on its way to the host."""
+
+    rows: list[Request]
+    tokens: dict[Request, int | BaseException] | None = None
+    picks: torch.Tensor | None = None  # (2, rows) on the host once `copied` has happened
+    copied: Any = field(default=None, repr=False)  # a CUDA event; None where already there
 
 
 def attention_kind(model: Any) -> str:
@@ -70,6 +89,13 @@ class ModelRunner:
         self._routed = False  # whether the LoRA context holds rows [0, n)'s slots
         self.graphs: Any = None  # server.engine.graphs.DecodeGraphs once captured
         self.forward_seconds = 0.0  # time inside model forwards, for the engine's stats
+        # Page-locked host memory for deferred picks (a copy into pageable memory would wait
+        # for the device), one buffer per decode in flight, taken in turn; flat, so that the
+        # first 2n elements are one contiguous (2, n) destination.
+        self._picks_host = [
+            torch.empty(2 * rows, dtype=torch.long, pin_memory=True) for _ in range(IN_FLIGHT)
+        ] if device.type == "cuda" else []
+        self._launches = 0
 
     @property
     def num_rows(self) -> int:
@@ -77,8 +103,10 @@ class ModelRunner:
 
     # -- decode ------------------------------------------------------------------------------
 
-    def decode(self) -> dict[Request, int | BaseException]:
-        """One new token for every row, from the tokens sampled at the last step."""
+    def launch_decode(self, *, deferred: bool) -> LaunchedDecode:
+        """One new token for every row, from the tokens of the last step. `deferred`: pick them
+        on the device and leave them to `collect`, so that the next step can be launched first
+        (only when every row is plain greedy: a sampled row needs its logits on the host)."""
         n = len(self.rows)
         started = time.perf_counter()
         if self.graphs is not None and self.graphs.covers(n):
@@ -88,7 +116,31 @@ class ModelRunner:
         self.forward_seconds += time.perf_counter() - started
         self.lengths[:n] += 1
         self._host_lengths = [length + 1 for length in self._host_lengths]
-        return self._sample(logits, self.rows, first_row=0)
+        rows = list(self.rows)
+        if not deferred:
+            return LaunchedDecode(rows, tokens=self._sample(logits, rows, first_row=0))
+        picks = greedy_picks(logits, out=self.next_ids[:n])
+        if not self._picks_host:
+            return LaunchedDecode(rows, picks=picks)
+        host = self._picks_host[self._launches % IN_FLIGHT][: 2 * n].view(2, n)
+        self._launches += 1
+        host.copy_(picks, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedDecode(rows, picks=host, copied=copied)
+
+    def collect(self, launched: LaunchedDecode) -> dict[Request, int | BaseException]:
+        """The tokens of a launched decode, by request (waits for a deferred one's picks)."""
+        if launched.tokens is not None:
+            return launched.tokens
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        return dict(zip(launched.rows, read_greedy_picks(launched.picks), strict=True))
+
+    @property
+    def all_plain_greedy(self) -> bool:
+        """Whether every row takes the argmax with no history (so it needs no host sampling)."""
+        return all(row.sampler.plain_greedy for row in self.rows)
 
     def _decode_eager(self, n: int) -> torch.Tensor:
         if not self._routed:

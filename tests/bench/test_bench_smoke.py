@@ -43,8 +43,9 @@ def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
         "--streams", "2,4", "--stream-adapters", "2", "--device", "cpu"])
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["graph_capture_s"] is None
-    assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [
-        (2, 2), (2, 1), (4, 2), (4, 1)]
+    # Decoding ahead is off by default on the CPU; each batch size is also run with it on.
+    assert [(r["streams"], r["adapters"], r["decode_ahead"]) for r in result["streams"]] == [
+        (2, 2, False), (2, 1, False), (2, 2, True), (4, 2, False), (4, 1, False), (4, 2, True)]
     for run in result["streams"]:
         # The engine times its own work apart from the model forward; no floor on the CPU.
         assert run["engine_ms_per_step"] > 0 and run["forward_ms_per_step"] > 0

@@ -45,7 +45,7 @@ def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
         "--device", "cpu", "--max-batch", "4", "--max-loaded-adapters", "3", "--max-queue", "9",
         "--default-truncation", "middle_out", "--no-sessions", "--metrics-port", "9100",
         "--max-prefill-tokens", "256", "--context-length", "512", "--no-cuda-graphs",
-        "--max-adapter-bytes", "1000", "--log-json",
+        "--decode-ahead", "--max-adapter-bytes", "1000", "--log-json",
     ])
     config = config_from_args(args, {})
     scheduler, cache = config.engine.scheduler, config.engine.cache
@@ -53,6 +53,7 @@ def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
             scheduler.max_queue) == (0, "cpu", 4, 3, 9)
     assert scheduler.max_prefill_tokens == 256 and config.engine.context_length == 512
     assert config.engine.cuda_graphs is False and cache.max_adapter_bytes == 1000
+    assert config.engine.decode_ahead is True
     assert config.default_truncation == "middle_out" and config.sessions_db is None
     assert config.metrics_port == 9100 and config.adapters_root == tmp_path and config.log_json
 
@@ -61,6 +62,7 @@ def test_no_flags_give_the_dataclass_defaults() -> None:
     config = config_from_args(_parse(), {})
     assert config == ServerConfig(base="tiny", adapters_root=Path("."))
     assert config.engine.cuda_graphs is None and config.sessions_db is not None
+    assert config.engine.decode_ahead is None
 
 
 def test_sessions_flags_keep_their_meaning() -> None:

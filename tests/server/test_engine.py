@@ -1,13 +1,15 @@
 """The engine end to end on the real tiny 4-bit base: batching invariance, PEFT parity, joins,
 chunked prefill, cancellation, deadlines, queue limits, KV rows, adapters admitted by the
 scheduler (more adapters than slots), eviction that spares needed adapters, the adapter size
-limit and memory budget, a failing row failing alone, scoring, observer hooks."""
+limit and memory budget, a failing row failing alone, scoring, observer hooks; and decoding
+ahead (the next step launched before this one's tokens are read), which changes no token."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -412,3 +414,113 @@ def test_a_sampling_error_fails_that_row_alone(engine, prompts, monkeypatch):
     with pytest.raises(RowFailedError, match="injected sampling fault"):
         _collect(faulty)
     assert [_collect(h)[0] for h in handles] == expected
+
+
+# -- decoding ahead ---------------------------------------------------------------------------
+# On the CPU a launched step has already run, so these tests check what decoding ahead does to
+# the tokens (nothing), not its overlap, which only a GPU shows (bench/bench_engine.py).
+
+AHEAD_CONTEXT = 160
+
+
+@dataclass
+class AheadEngine:
+    engine: Engine
+    launches: Counter  # decode launches by `deferred`
+
+
+@pytest.fixture(scope="module")
+def ahead(tiny_base: Path, adapters_root: Path):
+    eng = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"],
+                      max_loaded_adapters=4, decode_ahead=True, context_length=AHEAD_CONTEXT)
+    _poisoned(eng, adapters_root, "poison@1")
+    launches: Counter = Counter()
+    launch = eng.runner.launch_decode
+
+    def counted(*, deferred: bool):
+        launches[deferred] += 1
+        return launch(deferred=deferred)
+
+    eng.runner.launch_decode = counted
+    eng.start()
+    yield AheadEngine(eng, launches)
+    eng.shutdown()
+
+
+def _ran_ahead(ahead: AheadEngine, run):
+    """`run()`'s result, after checking that some of its steps were launched ahead."""
+    before = ahead.launches[True]
+    result = run()
+    assert ahead.launches[True] > before, "no decode step was launched ahead"
+    return result
+
+
+def test_decoding_ahead_is_on_by_default_only_on_cuda(engine, ahead):
+    assert engine.decodes_ahead is False and ahead.engine.decodes_ahead is True
+
+
+def test_decoding_ahead_gives_the_tokens_of_decoding_in_turn(engine, ahead, prompts):
+    requests = _mixed_requests(prompts)
+    expected = [_collect(h) for h in [engine.submit(r) for r in requests]]
+    got = _ran_ahead(ahead, lambda: [_collect(h) for h in
+                                     [ahead.engine.submit(r) for r in requests]])
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
+    assert [f.reason for _, f in got] == [f.reason for _, f in expected]
+
+
+def test_rows_joining_or_sampling_pause_decoding_ahead_without_changing_tokens(
+        engine, ahead, prompts):
+    greedy = [_request(f"g{i}", prompts[i], ADAPTERS[i], 30, ignore_eos=True) for i in range(4)]
+    sampled = _request("t", prompts[4], "beta@1", 8, temperature=1.0, seed=3, ignore_eos=True)
+    late = _request("late", prompts[5], "alpha@2", 6, ignore_eos=True)
+
+    def run(eng: Engine) -> list[list[int]]:
+        handles = [eng.submit(r) for r in greedy]
+        seen = next(handles[0])  # the greedy rows are under way before the others join
+        handles += [eng.submit(sampled), eng.submit(late)]
+        return [_collect(handles[0], (seen,))[0]] + [_collect(h)[0] for h in handles[1:]]
+
+    assert _ran_ahead(ahead, lambda: run(ahead.engine)) == run(engine)
+
+
+def test_a_row_that_fills_the_context_ends_there_when_decoding_ahead(engine, ahead, prompts):
+    prompt = prompts[4]
+    room = AHEAD_CONTEXT - len(prompt)
+    tokens, finish = _ran_ahead(ahead, lambda: _collect(ahead.engine.submit(
+        _request("full", prompt, "alpha@1", 10 * AHEAD_CONTEXT, ignore_eos=True))))
+    expected, _ = _collect(engine.submit(_request("full", prompt, "alpha@1", room,
+                                                  ignore_eos=True)))
+    assert (tokens, finish.reason) == (expected, "length")
+
+
+def test_a_failing_row_fails_alone_when_decoding_ahead(engine, ahead, prompts):
+    requests = [_request(f"ok{i}", prompts[i], ADAPTERS[i], 12, ignore_eos=True)
+                for i in range(3)]
+    expected = [_collect(engine.submit(r))[0] for r in requests]
+
+    def run() -> list[list[int]]:
+        handles = [ahead.engine.submit(r) for r in requests]
+        bad = ahead.engine.submit(_request("bad", prompts[3], "poison@1", 12, ignore_eos=True))
+        with pytest.raises(RowFailedError, match="non-finite"):
+            _collect(bad)
+        return [_collect(h)[0] for h in handles]
+
+    assert _ran_ahead(ahead, run) == expected
+    assert ahead.engine.loaded_adapters()["poison@1"].in_flight == 0
+
+
+def test_a_cancel_ends_one_row_when_decoding_ahead(engine, ahead, prompts):
+    others = [_request(f"o{i}", prompts[i], ADAPTERS[i], 20, ignore_eos=True) for i in range(3)]
+    expected = [_collect(engine.submit(r))[0] for r in others]
+
+    def run() -> tuple[list[list[int]], FinishEvent]:
+        handles = [ahead.engine.submit(r) for r in others]
+        long = ahead.engine.submit(_request("cancel", prompts[3], "beta@1", 100, ignore_eos=True))
+        first = next(long)
+        long.cancel()
+        return [_collect(h)[0] for h in handles], _collect(long, (first,))[1]
+
+    tokens, finish = _ran_ahead(ahead, run)
+    assert tokens == expected and finish.reason == "cancelled"
+    assert finish.completion_tokens < 100
+    assert ahead.engine.loaded_adapters()["beta@1"].in_flight == 0

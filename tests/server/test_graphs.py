@@ -74,7 +74,8 @@ def _answers(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
 def test_the_graph_path_gives_the_eager_tokens(tiny_base: Path, adapters_root: Path,
                                               tmp_path: Path, monkeypatch):
     """Batch and width buckets with padded free rows, the all-slots and the gathered LoRA, and
-    a capture again when a larger adapter arrives: the same greedy tokens as eager decode."""
+    a capture again when a larger adapter arrives, replayed while decoding ahead as on CUDA:
+    the same greedy tokens as eager decode in turn."""
     from common.modeling import LoadOptions, load_base
 
     torch.set_num_threads(2)
@@ -84,7 +85,8 @@ def test_the_graph_path_gives_the_eager_tokens(tiny_base: Path, adapters_root: P
     def engine_for(graphs: bool) -> Engine:
         model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
         engine = Engine(model, tokenizer, EngineConfig.build(
-            max_batch=8, context_length=512, max_loaded_adapters=4, max_lora_rank=32))
+            max_batch=8, context_length=512, max_loaded_adapters=4, max_lora_rank=32,
+            decode_ahead=graphs))
         if graphs:
             def recorder() -> EagerRecorder:
                 recorders.append(EagerRecorder(engine.runner))
@@ -150,8 +152,9 @@ def test_replayed_decode_gives_the_eager_tokens(tiny_base: Path, adapters_root: 
     answers = {}
     for graphs in (False, True):
         model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cuda"))
-        engine = Engine(model, tokenizer, EngineConfig.build(max_batch=8, context_length=256,
-                                                             cuda_graphs=graphs))
+        # Graphs and decoding ahead (both on by default on CUDA) against neither.
+        engine = Engine(model, tokenizer, EngineConfig.build(
+            max_batch=8, context_length=256, cuda_graphs=graphs, decode_ahead=graphs))
         engine.load_adapter("alpha@1", adapters_root / "alpha" / "1")
         engine.start()
         try:
@@ -162,4 +165,5 @@ def test_replayed_decode_gives_the_eager_tokens(tiny_base: Path, adapters_root: 
         finally:
             engine.shutdown()
         assert (engine.graph_capture_seconds is not None) == graphs
+        assert engine.decodes_ahead == graphs
     assert answers[True] == answers[False]
