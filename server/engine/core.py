@@ -3,14 +3,14 @@
 Every loop iteration is one fixed sequence (vLLM's `EngineCore.step`): collect finished adapter
 reads and install them, schedule, execute (decode every running row, prefill the admitted ones),
 apply the aborts that arrived meanwhile, update request state, emit token ids, free the rows
-that finished. When there is nothing to do the thread blocks on its inbox.
+that finished. When there is nothing to do the thread blocks on its inbox. Other threads talk
+to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapter`,
+`loaded_adapters`, `score`, `stats`, `shutdown`.
 
 Decoding ahead (on by default on CUDA, as vLLM's async scheduling): while every row is greedy
 and nobody joins, each step also launches the next decode before it reads its own tokens, so
 the device computes step N+1 while the host updates, emits and schedules step N. A row that
-finishes at step N was also run in step N+1; that token is dropped. Other threads talk
-to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapter`,
-`loaded_adapters`, `score`, `stats`, `shutdown`.
+finishes at step N was also run in step N+1; that token is dropped.
 
 Parts, each in its own file: `server.scheduler` (who runs; adapters admitted only when
 resident), `runner` (the forward and sampling over persistent buffers), `kv` (slots of the KV
@@ -517,10 +517,11 @@ class Engine:
         """This step's decode (launched by the last step when it ran ahead), after launching
         the next step's when nothing stands in the way: a joining row, or one that samples."""
         runner = self.runner
-        current = self._ahead or runner.launch_decode(deferred=False)
+        current = self._ahead
+        if current is None:
+            current = runner.launch_decode(deferred=False)
         self._ahead = None
-        if (self.decodes_ahead and not plan.admitted and runner.num_rows
-                and runner.all_plain_greedy):
+        if self.decodes_ahead and not plan.admitted and runner.all_plain_greedy:
             self._ahead = runner.launch_decode(deferred=True)
         return runner.collect(current)
 
