@@ -64,8 +64,8 @@ class EngineConfig:
         None, "replay decode steps as CUDA graphs (default: on for CUDA only)")
     # On the CPU a step runs as it is launched, so there is nothing to overlap there.
     decode_ahead: bool | None = setting(
-        None, "launch each decode step before reading the last one's tokens, so the device "
-              "works while the host handles them (default: on for CUDA only)")
+        None, "launch the next decode step before the host handles this one's tokens, so the "
+              "device works meanwhile (default: on for CUDA only)")
     default_max_new_tokens: int = setting(128, "answer length when a request names none")
     scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
     cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")

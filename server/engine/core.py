@@ -7,10 +7,11 @@ that finished. When there is nothing to do the thread blocks on its inbox. Other
 to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapter`,
 `loaded_adapters`, `score`, `stats`, `shutdown`.
 
-Decoding ahead (on by default on CUDA, as vLLM's async scheduling): while every row is greedy
-and nobody joins, each step also launches the next decode before it reads its own tokens, so
-the device computes step N+1 while the host updates, emits and schedules step N. A row that
-finishes at step N was also run in step N+1; that token is dropped.
+Decoding ahead (on by default on CUDA, as vLLM's async scheduling): unless a request joins, each
+step also launches the next decode before it updates, emits and schedules, so the device
+computes step N+1 meanwhile. When every row is greedy the next step is launched even before this
+step's tokens are read (they are picked on the device); a sampled row is sampled on the host
+first. A row that finishes at step N was also run in step N+1; that token is dropped.
 
 Parts, each in its own file: `server.scheduler` (who runs; adapters admitted only when
 resident), `runner` (the forward and sampling over persistent buffers), `kv` (slots of the KV
@@ -514,16 +515,22 @@ class Engine:
                          self.scheduler.num_waiting, adapters)
 
     def _decode(self, plan: StepPlan) -> dict[Request, int | BaseException]:
-        """This step's decode (launched by the last step when it ran ahead), after launching
-        the next step's when nothing stands in the way: a joining row, or one that samples."""
+        """This step's decode (launched by the last step when it ran ahead); unless a request
+        joins, the next step's is launched too, as early as its input tokens allow."""
         runner = self.runner
         current = self._ahead
         if current is None:
             current = runner.launch_decode(deferred=False)
         self._ahead = None
-        if self.decodes_ahead and not plan.admitted and runner.all_plain_greedy:
+        ahead = self.decodes_ahead and not plan.admitted
+        if ahead and current.fed_forward and runner.all_plain_greedy:
+            # This step's tokens are already on the device: launch the next before reading.
             self._ahead = runner.launch_decode(deferred=True)
-        return runner.collect(current)
+            return runner.collect(current)
+        tokens = runner.collect(current)  # sampled rows: the next step needs these first
+        if ahead:
+            self._ahead = runner.launch_decode(deferred=True)
+        return tokens
 
     # -- engine thread: events ---------------------------------------------------------------
 

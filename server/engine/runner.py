@@ -7,10 +7,11 @@ step reads the same memory every time and can be replayed as a CUDA graph (`serv
 graphs`); on the CPU the same code runs eagerly. Prefill stays eager, in chunks of at most
 `prefill_chunk_tokens` columns. LoRA routing is set here, once per forward.
 
-A decode step is launched, then read (`launch_decode`, `collect`). Launched deferred, its greedy
-tokens are picked on the device and copied to the host in the background, so the engine can
-launch the next step, which reads them where they lie, before it reads this one's: on a GPU the
-host's work of one step then overlaps the device's work of the next.
+A decode step is launched, then read (`launch_decode`, `collect`). Launched deferred, its rows'
+tokens are not read at once: plain greedy ones are picked on the device and copied to the host
+in the background, so the next step, which reads them where they lie, can be launched before
+this one is read; sampled ones are sampled on the host when read, and the next step launched
+right after. On a GPU the host's other work of a step then overlaps the device's next step.
 """
 
 from __future__ import annotations
@@ -47,12 +48,20 @@ class RunnerConfig:
 @dataclass
 class LaunchedDecode:
     """A decode step launched and not yet read: its rows as they were at launch, and either
-    their tokens (sampled at launch) or each row's greedy pick on its way to the host."""
+    their tokens (sampled at launch), each row's greedy pick on its way to the host, or the
+    logits to sample from when read."""
 
     rows: list[Request]
     tokens: dict[Request, int | BaseException] | None = None
     picks: torch.Tensor | None = None  # (2, rows) on the host once `copied` has happened
     copied: Any = field(default=None, repr=False)  # a CUDA event; None where already there
+    logits: torch.Tensor | None = field(default=None, repr=False)  # (rows, V)
+
+    @property
+    def fed_forward(self) -> bool:
+        """Whether its tokens are already where the next step reads them (so that step may be
+        launched before this one is read)."""
+        return self.logits is None
 
 
 def attention_kind(model: Any) -> str:
@@ -104,9 +113,9 @@ class ModelRunner:
     # -- decode ------------------------------------------------------------------------------
 
     def launch_decode(self, *, deferred: bool) -> LaunchedDecode:
-        """One new token for every row, from the tokens of the last step. `deferred`: pick them
-        on the device and leave them to `collect`, so that the next step can be launched first
-        (only when every row is plain greedy: a sampled row needs its logits on the host)."""
+        """One new token for every row, from the tokens of the last step. `deferred`: leave
+        them to `collect`, picked on the device when every row is plain greedy, else as logits
+        (a sampled row needs its logits on the host)."""
         n = len(self.rows)
         started = time.perf_counter()
         if self.graphs is not None and self.graphs.covers(n):
@@ -119,6 +128,8 @@ class ModelRunner:
         rows = list(self.rows)
         if not deferred:
             return LaunchedDecode(rows, tokens=self._sample(logits, rows, first_row=0))
+        if not self.all_plain_greedy:
+            return LaunchedDecode(rows, logits=logits)
         picks = greedy_picks(logits, out=self.next_ids[:n])
         if not self._picks_host:
             return LaunchedDecode(rows, picks=picks)
@@ -130,9 +141,18 @@ class ModelRunner:
         return LaunchedDecode(rows, picks=host, copied=copied)
 
     def collect(self, launched: LaunchedDecode) -> dict[Request, int | BaseException]:
-        """The tokens of a launched decode, by request (waits for a deferred one's picks)."""
+        """The tokens of a launched decode, by request: waits for deferred picks, or samples
+        deferred logits and feeds the tokens to the rows where they sit now (rows that left
+        since the launch may have moved others)."""
         if launched.tokens is not None:
             return launched.tokens
+        if launched.logits is not None:
+            sampled = sample_batch(launched.logits, [r.sampler for r in launched.rows])
+            tokens = dict(zip(launched.rows, sampled, strict=True))
+            fed = [tokens[r] for r in self.rows]
+            ids = [t if isinstance(t, int) else self.pad_id for t in fed]
+            self.next_ids[: len(ids)].copy_(torch.tensor(ids))
+            return tokens
         if launched.copied is not None:
             launched.copied.synchronize()
         return dict(zip(launched.rows, read_greedy_picks(launched.picks), strict=True))

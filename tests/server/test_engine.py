@@ -468,7 +468,7 @@ def test_decoding_ahead_gives_the_tokens_of_decoding_in_turn(engine, ahead, prom
     assert [f.reason for _, f in got] == [f.reason for _, f in expected]
 
 
-def test_rows_joining_or_sampling_pause_decoding_ahead_without_changing_tokens(
+def test_rows_joining_pause_decoding_ahead_for_a_step_without_changing_tokens(
         engine, ahead, prompts):
     greedy = [_request(f"g{i}", prompts[i], ADAPTERS[i], 30, ignore_eos=True) for i in range(4)]
     sampled = _request("t", prompts[4], "beta@1", 8, temperature=1.0, seed=3, ignore_eos=True)
@@ -481,6 +481,24 @@ def test_rows_joining_or_sampling_pause_decoding_ahead_without_changing_tokens(
         return [_collect(handles[0], (seen,))[0]] + [_collect(h)[0] for h in handles[1:]]
 
     assert _ran_ahead(ahead, lambda: run(ahead.engine)) == run(engine)
+
+
+def test_sampled_rows_decode_ahead_and_are_fed_where_they_sit_after_rows_leave(
+        engine, ahead, prompts):
+    # The greedy rows finish first and the sampled rows, behind them, move into their rows
+    # between a step's launch and its sampling.
+    requests = [_request(f"g{i}", prompts[i], ADAPTERS[i], 4 + 3 * i, ignore_eos=True)
+                for i in range(3)]
+    requests += [
+        _request("topp", prompts[3], "alpha@1", 24, temperature=0.9, top_k=40, top_p=0.9,
+                 seed=5, ignore_eos=True),
+        _request("penalty", prompts[4], "beta@1", 20, temperature=0.7, repetition_penalty=1.3,
+                 seed=6, ignore_eos=True),
+    ]
+    expected = [_collect(h)[0] for h in [engine.submit(r) for r in requests]]
+    got = _ran_ahead(ahead, lambda: [_collect(h)[0] for h in
+                                     [ahead.engine.submit(r) for r in requests]])
+    assert got == expected
 
 
 def test_a_row_that_fills_the_context_ends_there_when_decoding_ahead(engine, ahead, prompts):
@@ -498,14 +516,16 @@ def test_a_failing_row_fails_alone_when_decoding_ahead(engine, ahead, prompts):
                 for i in range(3)]
     expected = [_collect(engine.submit(r))[0] for r in requests]
 
-    def run() -> list[list[int]]:
+    def run(**sampling) -> list[list[int]]:
         handles = [ahead.engine.submit(r) for r in requests]
-        bad = ahead.engine.submit(_request("bad", prompts[3], "poison@1", 12, ignore_eos=True))
+        bad = ahead.engine.submit(_request("bad", prompts[3], "poison@1", 12, ignore_eos=True,
+                                           **sampling))
         with pytest.raises(RowFailedError, match="non-finite"):
             _collect(bad)
         return [_collect(h)[0] for h in handles]
 
-    assert _ran_ahead(ahead, run) == expected
+    assert _ran_ahead(ahead, run) == expected  # picked on the device
+    assert _ran_ahead(ahead, lambda: run(temperature=1.0, seed=1)) == expected  # sampled
     assert ahead.engine.loaded_adapters()["poison@1"].in_flight == 0
 
 
