@@ -1,13 +1,16 @@
 """Per-request sampling settings and the per-row next-token choice for one batched step.
 
 Owns `SamplingParams` (validated), the batched sampler (greedy rows in one argmax, the rest
-with temperature / top-k / top-p / repetition penalty and a per-row seeded generator) and the
-stop-sequence matcher that decides how much generated text is safe to stream.
+with temperature / top-k / top-p / repetition penalty and a per-row seeded generator, batched
+on the logits' device: on a GPU, with a vocabulary of 128k tokens, one row's sort alone costs
+tens of milliseconds on the host) and the stop-sequence matcher that decides how much
+generated text is safe to stream.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -74,14 +77,17 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 @dataclass
 class RowSampler:
-    """One request's sampling state: its params, its RNG and the token ids it has seen."""
+    """One request's sampling state: its params, its RNG's seed and the token ids it has seen."""
 
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # the generators' seed: the request's, or drawn at random
     seen_ids: torch.Tensor  # (n,) prompt + generated ids, for the repetition penalty
     # Fixed by the params; plain fields because the batch reads them for every row each step.
     plain_greedy: bool = field(init=False)  # greedy without a penalty: the batch's one argmax
     tracks_seen: bool = field(init=False)  # a repetition penalty needs the ids it has seen
+    # One generator per device the row's logits have been on, made on first use from `seed`.
+    _generators: dict[torch.device, torch.Generator] = field(
+        init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.tracks_seen = self.params.repetition_penalty != 1.0
@@ -89,55 +95,97 @@ class RowSampler:
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: Sequence[int]) -> RowSampler:
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator()
-            if params.seed is not None:
-                generator.manual_seed(params.seed)
-            else:
-                generator.seed()
-        return cls(params, generator, torch.tensor(list(prompt_ids), dtype=torch.long))
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return cls(params, seed, torch.tensor(list(prompt_ids), dtype=torch.long))
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This row's generator on `device` (sampling runs where the logits are)."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+        return generator
 
     def observe(self, token_id: int) -> None:
         if self.tracks_seen:
-            self.seen_ids = torch.cat([self.seen_ids, torch.tensor([token_id])])
+            self.seen_ids = torch.cat([self.seen_ids, self.seen_ids.new_tensor([token_id])])
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick the next token from one row's logits (V,)."""
-        # float64: dividing by a temperature or penalty as small as a float32 allows
-        # (1e-45) must stay finite, or softmax yields NaN and the row would fail.
-        logits = self._penalized(logits.double())
-        if self.params.greedy:
-            return int(torch.argmax(logits))
-        probs = _filtered_probs(logits / self.params.temperature, self.params)
-        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
-            return int(torch.argmax(logits))  # a degenerate distribution: its mode
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+    def penalize(self, scores: torch.Tensor) -> None:
+        """Apply the repetition penalty to one row's scores (V,), in place."""
         penalty = self.params.repetition_penalty
         if penalty == 1.0 or self.seen_ids.numel() == 0:
-            return logits
+            return
+        if self.seen_ids.device != scores.device:
+            self.seen_ids = self.seen_ids.to(scores.device)  # moved once; grows there
         # CTRL-style penalty as in transformers: shrink positive logits, grow negative ones.
-        logits = logits.clone()
-        seen = logits[self.seen_ids]
-        logits[self.seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-        return logits
+        seen = scores[self.seen_ids]
+        scores[self.seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
-def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Softmax of (V,) logits after top-k and top-p filtering."""
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
+def choose_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
+    """Tokens for rows that are not plain greedy, from their finite logits (k, V), batched on
+    the logits' device: penalty, temperature, top-k, top-p, then one draw per row from its own
+    generator."""
+    # float64: dividing by a temperature or penalty as small as a float32 allows (1e-45) must
+    # stay finite, or softmax yields NaN.
+    scores = logits.to(torch.float64, copy=True)  # penalized in place below
+    for row, row_scores in zip(rows, scores, strict=True):
+        if row.tracks_seen:
+            row.penalize(row_scores)
+    modes = scores.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if not sampled:
+        return modes.tolist()
+    device = scores.device
+    index = torch.tensor(sampled, device=device)
+    params = [rows[i].params for i in sampled]
+    temperature = scores.new_tensor([p.temperature for p in params])
+    probs = _filtered_probs(scores[index] / temperature[:, None], params)
+    # Inverse CDF, one uniform draw per row from its own generator: the first token whose
+    # cumulative mass reaches u * total. u in (0, 1], so a token of zero mass is never hit.
+    uniform = torch.cat([torch.rand(1, generator=rows[i].generator(device), device=device,
+                                    dtype=probs.dtype) for i in sampled])
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    picked = torch.searchsorted(cdf, (1.0 - uniform[:, None]) * total).squeeze(1)
+    picked = picked.clamp_(max=probs.shape[-1] - 1)
+    usable = torch.isfinite(total[:, 0]) & (total[:, 0] > 0)
+    # A degenerate distribution gives its mode.
+    modes[index] = torch.where(usable, picked, modes[index])
+    return modes.tolist()
+
+
+# Tokens the nucleus (top-p) is first looked for among; see `_filtered_probs`.
+NUCLEUS_CANDIDATES = 1024
+
+
+def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Softmax of (k, V) scores after each row's top-k and top-p filtering."""
+    vocab = scores.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        kept = torch.topk(scores, max(top_k), dim=-1).values  # (k, max top_k), descending
+        where = torch.tensor([max(k, 1) - 1 for k in top_k], device=scores.device)
+        kth = kept.gather(1, where[:, None])
+        limited = torch.tensor([k > 0 for k in top_k], device=scores.device)[:, None]
+        scores = scores.masked_fill(limited & (scores < kth), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if not nucleus:
+        return probs
+    rows = torch.tensor(nucleus, device=scores.device)
+    top_p = scores.new_tensor([params[i].top_p for i in nucleus])[:, None]
+    # The nucleus nearly always lies among the most likely few hundred tokens: sorting those
+    # alone is exact when their mass reaches top_p (every token past them is then outside),
+    # and a full sort of a 128k vocabulary costs tens of milliseconds a row on a CPU.
+    sorted_probs, order = torch.topk(probs[rows], min(vocab, NUCLEUS_CANDIDATES), dim=-1)
+    if bool((sorted_probs.sum(dim=-1, keepdim=True) < top_p).any()):
+        sorted_probs, order = torch.sort(probs[rows], dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    filtered = torch.zeros_like(probs[rows]).scatter_(1, order, sorted_probs)
+    probs[rows] = filtered / filtered.sum(dim=-1, keepdim=True)
     return probs
 
 
@@ -175,10 +223,13 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
     if not special:
         return picked  # the common case: every row took the argmax and keeps no history
     tokens: list[int | RowFailedError] = list(picked)
-    # The rows' generators and seen ids live on the CPU; one copy serves every such row.
-    host = logits.float().cpu()
     for index in special:
-        tokens[index] = _choose_alone(rows[index], host[index], bool(finite[index]))
+        if not finite[index]:
+            tokens[index] = _non_finite()
+    usable = [i for i in special if finite[i]]
+    if usable:
+        for index, token in zip(usable, _choose_isolated(logits, rows, usable), strict=True):
+            tokens[index] = token
     for row, token in zip(rows, tokens, strict=True):
         if row.tracks_seen and isinstance(token, int):
             row.observe(token)
@@ -186,6 +237,17 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
         ids = [t if isinstance(t, int) else p for t, p in zip(tokens, picked, strict=True)]
         out.copy_(torch.tensor(ids))
     return tokens
+
+
+def _choose_isolated(logits: torch.Tensor, rows: Sequence[RowSampler],
+                     usable: list[int]) -> list[int | RowFailedError]:
+    """The usable rows' tokens in one batch; if that raises, each row alone, so that only the
+    row at fault fails."""
+    index = torch.tensor(usable, device=logits.device)
+    try:
+        return list(choose_batch(logits[index], [rows[i] for i in usable]))
+    except Exception:
+        return [_choose_alone(rows[i], logits[i : i + 1]) for i in usable]
 
 
 def greedy_picks(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -209,11 +271,9 @@ def _non_finite() -> RowFailedError:
         "other requests of the batch were not affected")
 
 
-def _choose_alone(row: RowSampler, logits: torch.Tensor, finite: bool) -> int | RowFailedError:
-    if not finite:
-        return _non_finite()
+def _choose_alone(row: RowSampler, logits: torch.Tensor) -> int | RowFailedError:
     try:
-        return row.choose(logits)
+        return choose_batch(logits, [row])[0]
     except Exception as exc:  # this row alone fails; the batch goes on
         error = RowFailedError(f"sampling this request failed: {exc}")
         error.__cause__ = exc

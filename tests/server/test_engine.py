@@ -397,16 +397,16 @@ def test_a_row_with_non_finite_logits_fails_alone(engine, prompts, tiny_base, ad
 
 
 def test_a_sampling_error_fails_that_row_alone(engine, prompts, monkeypatch):
-    from server.sampling import RowSampler
+    from server import sampling
 
-    real_choose = RowSampler.choose
+    real_choose = sampling.choose_batch
 
-    def choose(self, logits):
-        if self.params.seed == 13:
+    def choose_batch(logits, rows):
+        if any(row.params.seed == 13 for row in rows):
             raise RuntimeError("injected sampling fault")
-        return real_choose(self, logits)
+        return real_choose(logits, rows)
 
-    monkeypatch.setattr(RowSampler, "choose", choose)
+    monkeypatch.setattr(sampling, "choose_batch", choose_batch)
     greedy = [_request(f"g{i}", prompts[i], ADAPTERS[i], 10, ignore_eos=True) for i in range(3)]
     expected = [_collect(engine.submit(r))[0] for r in greedy]
     handles = [engine.submit(r) for r in greedy]

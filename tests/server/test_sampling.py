@@ -95,6 +95,36 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     assert draw(11, 1) != draw(12, 1)
 
 
+def test_each_row_of_a_batch_draws_from_its_own_filtered_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    settings = [{}, {"top_k": 2}, {"top_p": 0.7}]
+    # 100 rows of each setting, interleaved, each with a seed of its own.
+    rows = [RowSampler.create(SamplingParams(4, temperature=1.0, seed=seed, **settings[seed % 3]),
+                              [0]) for seed in range(300)]
+    draws = torch.tensor([sample_batch(probs.log().repeat(300, 1), rows)
+                          for _ in range(30)]).view(-1, 100, 3)  # (step x row, setting)
+    counts = torch.stack([torch.bincount(draws[..., s].flatten(), minlength=4)
+                          for s in range(3)]) / 3000
+    expected = torch.tensor([[0.5, 0.3, 0.2, 0.0],
+                             [0.625, 0.375, 0.0, 0.0],  # top-k 2: the first two, rescaled
+                             [0.625, 0.375, 0.0, 0.0]])  # top-p 0.7: 0.5 + 0.3 reaches it
+    assert torch.allclose(counts, expected, atol=0.035), counts
+
+
+def test_a_nucleus_wider_than_the_candidates_is_still_whole():
+    vocab = 3000  # uniform: top-p 0.5 keeps 1,500 tokens, more than the 1,024 candidates
+    rows = [RowSampler.create(SamplingParams(4, temperature=1.0, top_p=0.5, seed=s), [0])
+            for s in range(20)]
+    draws = {t for _ in range(150) for t in sample_batch(torch.zeros(20, vocab), rows)}
+    assert 1024 < len(draws) <= 1501  # about 1,300 of the 1,500 expected in 3,000 draws
+
+
+def test_a_temperature_near_zero_takes_the_mode():
+    logits = torch.randn(2, 50)
+    rows = _rows(2, temperature=1e-30)
+    assert sample_batch(logits, rows) == logits.argmax(-1).tolist()
+
+
 def test_repetition_penalty_avoids_seen_tokens():
     logits = torch.tensor([[0.0, 3.0, 2.9, 0.0]])
     row = RowSampler.create(SamplingParams(4, repetition_penalty=2.0), prompt_ids=[1])
