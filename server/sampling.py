@@ -1,10 +1,9 @@
 """Per-request sampling settings and the per-row next-token choice for one batched step.
 
-Owns `SamplingParams` (validated), the batched sampler (greedy rows in one argmax, the rest
-with temperature / top-k / top-p / repetition penalty and a per-row seeded generator, batched
-on the logits' device: on a GPU, with a vocabulary of 128k tokens, one row's sort alone costs
-tens of milliseconds on the host) and the stop-sequence matcher that decides how much
-generated text is safe to stream.
+Owns `SamplingParams` (validated), the batched sampler (greedy rows in one argmax; the rest,
+with temperature / top-k / top-p / repetition penalty and each row's seeded generator, together
+on the logits' device, so that a GPU does not copy a batch's logits to the host to sample) and
+the stop-sequence matcher that decides how much generated text is safe to stream.
 """
 
 from __future__ import annotations
