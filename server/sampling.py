@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -105,9 +105,10 @@ class RowSampler:
             generator.manual_seed(self.seed)
         return generator
 
-    def observe(self, token_id: int) -> None:
+    def observe(self, token: torch.Tensor) -> None:
+        """Add the row's new token (1,), wherever it lies, to the ids the penalty sees."""
         if self.tracks_seen:
-            self.seen_ids = torch.cat([self.seen_ids, self.seen_ids.new_tensor([token_id])])
+            self.seen_ids = torch.cat([self.seen_ids, token.to(self.seen_ids.device)])
 
     def penalize(self, scores: torch.Tensor) -> None:
         """Apply the repetition penalty to one row's scores (V,), in place."""
@@ -121,10 +122,10 @@ class RowSampler:
         scores[self.seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
-def choose_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
-    """Tokens for rows that are not plain greedy, from their finite logits (k, V), batched on
-    the logits' device: penalty, temperature, top-k, top-p, then one draw per row from its own
-    generator."""
+def choose_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """Tokens (k,) for rows that are not plain greedy, from their logits (k, V), batched on the
+    logits' device: penalty, temperature, top-k, top-p, then one draw per row from its own
+    generator. Nothing here waits for the device."""
     # float64: dividing by a temperature or penalty as small as a float32 allows (1e-45) must
     # stay finite, or softmax yields NaN.
     scores = logits.to(torch.float64, copy=True)  # penalized in place below
@@ -134,7 +135,7 @@ def choose_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
     modes = scores.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if not sampled:
-        return modes.tolist()
+        return modes
     device = scores.device
     index = torch.tensor(sampled, device=device)
     params = [rows[i].params for i in sampled]
@@ -149,9 +150,9 @@ def choose_batch(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
     picked = torch.searchsorted(cdf, (1.0 - uniform[:, None]) * total).squeeze(1)
     picked = picked.clamp_(max=probs.shape[-1] - 1)
     usable = torch.isfinite(total[:, 0]) & (total[:, 0] > 0)
-    # A degenerate distribution gives its mode.
+    # A degenerate distribution (or non-finite logits: that row fails) gives its mode.
     modes[index] = torch.where(usable, picked, modes[index])
-    return modes.tolist()
+    return modes
 
 
 # Tokens the nucleus (top-p) is first looked for among; see `_filtered_probs`.
@@ -203,12 +204,14 @@ def row_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
                  out: torch.Tensor | None = None) -> list[int | RowFailedError]:
-    """Next token for each row of `logits` (B, V); greedy rows share one argmax. With `out`
-    (B,), the chosen ids are also written there (a failed row's is its argmax), on the device.
+    """Next token for each row of `logits` (B, V), read at once; greedy rows share one argmax.
+    With `out` (B,), the chosen ids are also written there (a failed row's: its argmax).
 
     A row whose logits are not finite (a damaged adapter) or whose sampling raises gets a
     RowFailedError in its place; the other rows are unaffected.
     """
+    if not all(row.plain_greedy for row in rows):
+        return read_picks(*pick_tokens(logits, rows, out))
     choice, best = row_argmax(logits)
     if out is not None:
         out.copy_(choice)
@@ -218,65 +221,63 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampler],
         picked, finite = choice.tolist(), [math.isfinite(value) for value in best.tolist()]
     else:  # one device-to-host copy (one sync) for both
         picked, finite = torch.stack((choice, torch.isfinite(best).long())).tolist()
-    special = [i for i, row in enumerate(rows) if not (row.plain_greedy and finite[i])]
-    if not special:
+    if all(finite):
         return picked  # the common case: every row took the argmax and keeps no history
-    tokens: list[int | RowFailedError] = list(picked)
-    for index in special:
-        if not finite[index]:
-            tokens[index] = _non_finite()
-    usable = [i for i in special if finite[i]]
-    if usable:
-        for index, token in zip(usable, _choose_isolated(logits, rows, usable), strict=True):
-            tokens[index] = token
-    for row, token in zip(rows, tokens, strict=True):
-        if row.tracks_seen and isinstance(token, int):
-            row.observe(token)
-    if out is not None:
-        ids = [t if isinstance(t, int) else p for t, p in zip(tokens, picked, strict=True)]
-        out.copy_(torch.tensor(ids))
-    return tokens
-
-
-def _choose_isolated(logits: torch.Tensor, rows: Sequence[RowSampler],
-                     usable: list[int]) -> list[int | RowFailedError]:
-    """The usable rows' tokens in one batch; if that raises, each row alone, so that only the
-    row at fault fails."""
-    index = torch.tensor(usable, device=logits.device)
-    try:
-        return list(choose_batch(logits[index], [rows[i] for i in usable]))
-    except Exception:
-        return [_choose_alone(rows[i], logits[i : i + 1]) for i in usable]
-
-
-def greedy_picks(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(2, B) on the logits' device, read later by `read_greedy_picks`: each row's argmax (also
-    written to `out`, where the next step reads it) and 1 where the row's logits are finite.
-    Nothing here waits for the device."""
-    choice, best = row_argmax(logits)
-    out.copy_(choice)
-    return torch.stack((choice, torch.isfinite(best).long()))
-
-
-def read_greedy_picks(picks: torch.Tensor) -> list[int | RowFailedError]:
-    """Each row's token from `greedy_picks`, or its error where its logits were not finite."""
-    picked, finite = picks.tolist()
     return [token if ok else _non_finite() for token, ok in zip(picked, finite, strict=True)]
+
+
+def pick_tokens(logits: torch.Tensor, rows: Sequence[RowSampler], out: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[int, RowFailedError]]:
+    """Each row's next token, chosen on the logits' device and left there to be read later by
+    `read_picks`: (2, B), the tokens (also written to `out`) and 1 where a row's logits were
+    finite; and, by row, the errors of rows whose sampling raised. Nothing waits for the device,
+    so the next step can be launched, reading `out`, before these are read."""
+    choice, best = row_argmax(logits)
+    errors: dict[int, RowFailedError] = {}
+    special = [i for i, row in enumerate(rows) if not row.plain_greedy]
+    if special:
+        choice = choice.to(logits.device, copy=True)  # (numpy's memory on the CPU)
+        index = torch.tensor(special, device=logits.device)
+        chosen, errors = _choose_isolated(logits[index], [rows[i] for i in special], special)
+        choice[index] = chosen
+        for i in special:
+            if i not in errors:
+                rows[i].observe(choice[i : i + 1])
+    if out is not None:
+        out.copy_(choice)
+    return torch.stack((choice, torch.isfinite(best).long())), errors
+
+
+def read_picks(picks: torch.Tensor, errors: Mapping[int, RowFailedError],
+               ) -> list[int | RowFailedError]:
+    """Each row's token from `pick_tokens`, or its error: non-finite logits, or its sampling's."""
+    picked, finite = picks.tolist()
+    return [_non_finite() if not ok else errors.get(i, token)
+            for i, (token, ok) in enumerate(zip(picked, finite, strict=True))]
+
+
+def _choose_isolated(logits: torch.Tensor, rows: Sequence[RowSampler], where: list[int],
+                     ) -> tuple[torch.Tensor, dict[int, RowFailedError]]:
+    """`choose_batch` over the rows; if that raises, each row alone, so that only the row at
+    fault fails (its token: its mode). Errors are keyed by `where`, the rows' batch indices."""
+    try:
+        return choose_batch(logits, rows), {}
+    except Exception:
+        chosen, errors = [], {}
+        for i, (row, row_logits) in enumerate(zip(rows, logits, strict=True)):
+            try:
+                chosen.append(choose_batch(row_logits[None], [row]))
+            except Exception as exc:  # this row alone fails; the batch goes on
+                error = errors[where[i]] = RowFailedError(f"sampling this request failed: {exc}")
+                error.__cause__ = exc
+                chosen.append(row_logits.argmax()[None])
+        return torch.cat(chosen), errors
 
 
 def _non_finite() -> RowFailedError:
     return RowFailedError(
         "the model produced non-finite logits for this request (a damaged adapter?); the "
         "other requests of the batch were not affected")
-
-
-def _choose_alone(row: RowSampler, logits: torch.Tensor) -> int | RowFailedError:
-    try:
-        return choose_batch(logits, [row])[0]
-    except Exception as exc:  # this row alone fails; the batch goes on
-        error = RowFailedError(f"sampling this request failed: {exc}")
-        error.__cause__ = exc
-        return error
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapte
 `loaded_adapters`, `score`, `stats`, `shutdown`.
 
 Decoding ahead (on by default on CUDA, as vLLM's async scheduling): unless a request joins, each
-step also launches the next decode before it updates, emits and schedules, so the device
-computes step N+1 meanwhile. When every row is greedy the next step is launched even before this
-step's tokens are read (they are picked on the device); a sampled row is sampled on the host
-first. A row that finishes at step N was also run in step N+1; that token is dropped.
+step launches the next decode before it reads its own tokens, which are chosen (greedy or
+sampled) on the device, so the device computes step N+1 while the host updates, emits and
+schedules step N. A row that finishes at step N was also run in step N+1; that token is
+dropped.
 
 Parts, each in its own file: `server.scheduler` (who runs; adapters admitted only when
 resident), `runner` (the forward and sampling over persistent buffers), `kv` (slots of the KV
@@ -515,22 +515,16 @@ class Engine:
                          self.scheduler.num_waiting, adapters)
 
     def _decode(self, plan: StepPlan) -> dict[Request, int | BaseException]:
-        """This step's decode (launched by the last step when it ran ahead); unless a request
-        joins, the next step's is launched too, as early as its input tokens allow."""
+        """This step's decode (launched by the last step when it ran ahead), after launching
+        the next step's unless a request joins (its prefill must come first)."""
         runner = self.runner
         current = self._ahead
         if current is None:
             current = runner.launch_decode(deferred=False)
         self._ahead = None
-        ahead = self.decodes_ahead and not plan.admitted
-        if ahead and current.fed_forward and runner.all_plain_greedy:
-            # This step's tokens are already on the device: launch the next before reading.
+        if self.decodes_ahead and not plan.admitted:
             self._ahead = runner.launch_decode(deferred=True)
-            return runner.collect(current)
-        tokens = runner.collect(current)  # sampled rows: the next step needs these first
-        if ahead:
-            self._ahead = runner.launch_decode(deferred=True)
-        return tokens
+        return runner.collect(current)
 
     # -- engine thread: events ---------------------------------------------------------------
 

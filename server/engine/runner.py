@@ -8,10 +8,9 @@ graphs`); on the CPU the same code runs eagerly. Prefill stays eager, in chunks 
 `prefill_chunk_tokens` columns. LoRA routing is set here, once per forward.
 
 A decode step is launched, then read (`launch_decode`, `collect`). Launched deferred, its rows'
-tokens are not read at once: plain greedy ones are picked on the device and copied to the host
-in the background, so the next step, which reads them where they lie, can be launched before
-this one is read; sampled ones are sampled on the host when read, and the next step launched
-right after. On a GPU the host's other work of a step then overlaps the device's next step.
+tokens are chosen on the device, written where the next step reads them and copied to the host
+in the background, so the next step can be launched before this one is read: on a GPU the
+host's work of a step then overlaps the device's work of the next.
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ from typing import Any
 import torch
 
 from server.engine.kv import PrefillWrite, SlotKVCache
+from server.errors import RowFailedError
 from server.lora import LoraStack
 from server.request import Request
-from server.sampling import greedy_picks, read_greedy_picks, sample_batch
+from server.sampling import pick_tokens, read_picks, sample_batch
 
 # Decodes launched and not yet read, at most: the one being read and the one launched ahead.
 IN_FLIGHT = 2
@@ -48,20 +48,13 @@ class RunnerConfig:
 @dataclass
 class LaunchedDecode:
     """A decode step launched and not yet read: its rows as they were at launch, and either
-    their tokens (sampled at launch), each row's greedy pick on its way to the host, or the
-    logits to sample from when read."""
+    their tokens (read at launch) or their picks on the way to the host (`pick_tokens`)."""
 
     rows: list[Request]
     tokens: dict[Request, int | BaseException] | None = None
     picks: torch.Tensor | None = None  # (2, rows) on the host once `copied` has happened
     copied: Any = field(default=None, repr=False)  # a CUDA event; None where already there
-    logits: torch.Tensor | None = field(default=None, repr=False)  # (rows, V)
-
-    @property
-    def fed_forward(self) -> bool:
-        """Whether its tokens are already where the next step reads them (so that step may be
-        launched before this one is read)."""
-        return self.logits is None
+    errors: dict[int, RowFailedError] = field(default_factory=dict)  # by row: sampling raised
 
 
 def attention_kind(model: Any) -> str:
@@ -113,9 +106,8 @@ class ModelRunner:
     # -- decode ------------------------------------------------------------------------------
 
     def launch_decode(self, *, deferred: bool) -> LaunchedDecode:
-        """One new token for every row, from the tokens of the last step. `deferred`: leave
-        them to `collect`, picked on the device when every row is plain greedy, else as logits
-        (a sampled row needs its logits on the host)."""
+        """One new token for every row, from the tokens of the last step; `deferred`: chosen on
+        the device and left there for `collect`, so that the next step may be launched first."""
         n = len(self.rows)
         started = time.perf_counter()
         if self.graphs is not None and self.graphs.covers(n):
@@ -128,39 +120,24 @@ class ModelRunner:
         rows = list(self.rows)
         if not deferred:
             return LaunchedDecode(rows, tokens=self._sample(logits, rows, first_row=0))
-        if not self.all_plain_greedy:
-            return LaunchedDecode(rows, logits=logits)
-        picks = greedy_picks(logits, out=self.next_ids[:n])
+        picks, errors = pick_tokens(logits, [r.sampler for r in rows], out=self.next_ids[:n])
         if not self._picks_host:
-            return LaunchedDecode(rows, picks=picks)
+            return LaunchedDecode(rows, picks=picks, errors=errors)
         host = self._picks_host[self._launches % IN_FLIGHT][: 2 * n].view(2, n)
         self._launches += 1
         host.copy_(picks, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return LaunchedDecode(rows, picks=host, copied=copied)
+        return LaunchedDecode(rows, picks=host, copied=copied, errors=errors)
 
     def collect(self, launched: LaunchedDecode) -> dict[Request, int | BaseException]:
-        """The tokens of a launched decode, by request: waits for deferred picks, or samples
-        deferred logits and feeds the tokens to the rows where they sit now (rows that left
-        since the launch may have moved others)."""
+        """The tokens of a launched decode, by request (waits for deferred picks)."""
         if launched.tokens is not None:
             return launched.tokens
-        if launched.logits is not None:
-            sampled = sample_batch(launched.logits, [r.sampler for r in launched.rows])
-            tokens = dict(zip(launched.rows, sampled, strict=True))
-            fed = [tokens[r] for r in self.rows]
-            ids = [t if isinstance(t, int) else self.pad_id for t in fed]
-            self.next_ids[: len(ids)].copy_(torch.tensor(ids))
-            return tokens
         if launched.copied is not None:
             launched.copied.synchronize()
-        return dict(zip(launched.rows, read_greedy_picks(launched.picks), strict=True))
-
-    @property
-    def all_plain_greedy(self) -> bool:
-        """Whether every row takes the argmax with no history (so it needs no host sampling)."""
-        return all(row.sampler.plain_greedy for row in self.rows)
+        tokens = read_picks(launched.picks, launched.errors)
+        return dict(zip(launched.rows, tokens, strict=True))
 
     def _decode_eager(self, n: int) -> torch.Tensor:
         if not self._routed:

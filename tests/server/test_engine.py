@@ -483,22 +483,25 @@ def test_rows_joining_pause_decoding_ahead_for_a_step_without_changing_tokens(
     assert _ran_ahead(ahead, lambda: run(ahead.engine)) == run(engine)
 
 
-def test_sampled_rows_decode_ahead_and_are_fed_where_they_sit_after_rows_leave(
-        engine, ahead, prompts):
+def test_sampled_rows_decode_ahead_while_rows_in_front_of_them_leave(engine, ahead, prompts):
     # The greedy rows finish first and the sampled rows, behind them, move into their rows
-    # between a step's launch and its sampling.
+    # between a step's launch and its reading.
     requests = [_request(f"g{i}", prompts[i], ADAPTERS[i], 4 + 3 * i, ignore_eos=True)
                 for i in range(3)]
     requests += [
-        _request("topp", prompts[3], "alpha@1", 24, temperature=0.9, top_k=40, top_p=0.9,
+        _request("topp", prompts[3], "alpha@1", 24, temperature=1.5, top_k=40, top_p=0.95,
                  seed=5, ignore_eos=True),
-        _request("penalty", prompts[4], "beta@1", 20, temperature=0.7, repetition_penalty=1.3,
+        _request("penalty", prompts[4], "beta@1", 20, temperature=1.2, repetition_penalty=1.3,
                  seed=6, ignore_eos=True),
     ]
     expected = [_collect(h)[0] for h in [engine.submit(r) for r in requests]]
     got = _ran_ahead(ahead, lambda: [_collect(h)[0] for h in
                                      [ahead.engine.submit(r) for r in requests]])
     assert got == expected
+    for request, sampled in zip(requests[3:], expected[3:], strict=True):  # the draws matter
+        greedy = _request("greedy", request.prompt_ids, request.adapter, len(sampled),
+                          ignore_eos=True)
+        assert _collect(engine.submit(greedy))[0] != sampled
 
 
 def test_a_row_that_fills_the_context_ends_there_when_decoding_ahead(engine, ahead, prompts):

@@ -48,15 +48,18 @@ def test_greedy_rows_take_the_argmax():
 
 
 def test_the_chosen_ids_are_also_written_where_the_next_step_reads_them():
-    logits = torch.randn(4, 50)
+    logits = torch.randn(5, 50)
     logits[2, 7] = float("nan")  # this row fails; the others keep their tokens
-    rows = [*_rows(2), *_rows(1), *_rows(1, temperature=1.0, top_k=1)]
-    out = torch.full((4,), -1, dtype=torch.long)
+    logits[4] = 0.0  # uniform: the draw, not the argmax (0), decides
+    rows = [*_rows(2), *_rows(1), *_rows(1, temperature=1.0, top_k=1),
+            RowSampler.create(SamplingParams(4, temperature=1.0, seed=4), [0])]
+    out = torch.full((5,), -1, dtype=torch.long)
     tokens = sample_batch(logits, rows, out=out)
     argmax = logits.argmax(-1).tolist()
     assert tokens[:2] == argmax[:2] and tokens[3] == argmax[3]
-    assert isinstance(tokens[2], RowFailedError)
-    assert out.tolist() == argmax  # a failed row never runs again: any valid id will do
+    assert isinstance(tokens[2], RowFailedError) and tokens[4] != argmax[4]
+    # A failed row never runs again: any valid id will do there.
+    assert out.tolist() == [*argmax[:4], tokens[4]]
 
 
 @pytest.mark.parametrize("vocab", [4096, 1000])
@@ -117,6 +120,36 @@ def test_a_nucleus_wider_than_the_candidates_is_still_whole():
             for s in range(20)]
     draws = {t for _ in range(150) for t in sample_batch(torch.zeros(20, vocab), rows)}
     assert 1024 < len(draws) <= 1501  # about 1,300 of the 1,500 expected in 3,000 draws
+
+
+def test_picks_stay_on_the_device_until_read_and_a_raising_row_fails_alone(monkeypatch):
+    from server import sampling
+
+    real_choose = sampling.choose_batch
+
+    def choose_batch(logits, rows):
+        if any(row.seed == 13 for row in rows):
+            raise RuntimeError("injected sampling fault")
+        return real_choose(logits, rows)
+
+    monkeypatch.setattr(sampling, "choose_batch", choose_batch)
+    logits = torch.randn(3, 50)
+    rows = [*_rows(1),
+            RowSampler.create(SamplingParams(4, temperature=1.0, seed=13,
+                                             repetition_penalty=1.5), [1]),
+            RowSampler.create(SamplingParams(4, temperature=1.0, top_k=1, seed=14,
+                                             repetition_penalty=1.5), [1])]
+    out = torch.full((3,), -1, dtype=torch.long)
+    picks, errors = sampling.pick_tokens(logits, rows, out)
+    assert set(errors) == {1} and "injected sampling fault" in str(errors[1])
+    tokens = sampling.read_picks(picks, errors)
+    assert tokens[0] == int(logits[0].argmax()) and isinstance(tokens[1], RowFailedError)
+    penalized = logits[2].clone()
+    penalized[1] /= 1.5 if penalized[1] > 0 else 1 / 1.5
+    assert tokens[2] == int(penalized.argmax())  # top-k 1 after the penalty: its mode
+    assert out.tolist() == [tokens[0], int(logits[1].argmax()), tokens[2]]
+    # Only the rows that got a token saw it.
+    assert rows[1].seen_ids.tolist() == [1] and rows[2].seen_ids.tolist() == [1, tokens[2]]
 
 
 def test_a_temperature_near_zero_takes_the_mode():
