@@ -3,8 +3,8 @@
 Each targeted Linear / Linear4bit of the base is wrapped once by `StackedLoraLinear`, which
 keeps the A and (scaled) B of every slot stacked. A forward either gathers the rows' slices and
 runs two batched matmuls (the BGMV idea of Punica and S-LoRA, in plain torch), or, for a batch
-with at least half as many rows as there are slots, multiplies by every slot at once and keeps
-each row's own slot with a one-hot mask: that reads each slot's weights once instead of copying
+with at least half as many rows as there are slots, multiplies by every slot at once and zeroes
+each row's other slots under a mask: that reads each slot's weights once instead of copying
 them per row. Either way a step costs about the same whether its rows share one adapter or use
 sixteen. Slot 0 is all zeros: the bare base. Ranks are padded with zeros to `max_rank`; a
 forward only uses the rank its context names. `LoraStack` owns the wrappers and the
@@ -43,8 +43,8 @@ class LoraContext:
     `version` changes whenever the routing or any slot's weights change, so layers can keep
     their gathered slices across decode steps of an unchanged batch. Inside a CUDA graph no
     Python runs at replay, so there `cache_gathers` is off and every forward reads the static
-    `slots` tensor afresh; `select` is then each row's one-hot slot mask when the layers
-    multiply by every slot at once (None: they gather).
+    `slots` tensor afresh; `others` then marks, for each row, the slots that are not its own,
+    when the layers multiply by every slot at once (None: they gather).
     """
 
     def __init__(self) -> None:
@@ -52,14 +52,14 @@ class LoraContext:
         self.rank = 0
         self.version = 0
         self.cache_gathers = True
-        self.select: torch.Tensor | None = None  # (B, S) in the compute dtype
+        self.others: torch.Tensor | None = None  # (B, S) bool
 
     def set(self, slots: torch.Tensor | None, rank: int, *, cache_gathers: bool = True,
-            select: torch.Tensor | None = None) -> None:
+            others: torch.Tensor | None = None) -> None:
         self.slots = slots if rank > 0 else None
         self.rank = rank
         self.cache_gathers = cache_gathers
-        self.select = select
+        self.others = others
         self.version += 1
 
 
@@ -142,8 +142,8 @@ class StackedLoraLinear(nn.Module):
             )
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        if ctx.select is not None:
-            return self._all_slots(x, result, ctx.select, ctx.rank)
+        if ctx.others is not None:
+            return self._all_slots(x, result, ctx.others, ctx.rank)
         a_rows, bt_rows = self._gather()
         h = torch.bmm(x, a_rows.transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
         if result.dtype == h.dtype:
@@ -151,7 +151,7 @@ class StackedLoraLinear(nn.Module):
             return torch.baddbmm(result, h, bt_rows)
         return result + torch.bmm(h, bt_rows).to(result.dtype)
 
-    def _all_slots(self, x: torch.Tensor, result: torch.Tensor, select: torch.Tensor,
+    def _all_slots(self, x: torch.Tensor, result: torch.Tensor, others: torch.Tensor,
                    r: int) -> torch.Tensor:
         """result + B[s] A[s] x for each row's slot s, as x through every slot, masked."""
         slots = self.lora_a.shape[1]
@@ -159,7 +159,10 @@ class StackedLoraLinear(nn.Module):
         bt = self.lora_bt[:r].view(r * slots, self.out_features)
         batch, tokens = x.shape[:2]
         h = torch.mm(x.reshape(batch * tokens, self.in_features), a.t())  # (B*T, r*S)
-        h = h.view(batch, tokens * r, slots).mul_(select[:, None, :]).view(-1, r * slots)
+        # Zeroed, not multiplied by a 0/1 mask: 0 x inf is NaN, so a slot whose product
+        # overflows (a damaged adapter) would otherwise fail every row of the step.
+        h = h.view(batch, tokens * r, slots).masked_fill_(others[:, None, :], 0)
+        h = h.view(-1, r * slots)
         if result.dtype == h.dtype and result.is_contiguous():
             # result + h @ B^T in one kernel: in a CUDA graph step at small batches, each
             # kernel costs its launch more than its arithmetic.
@@ -251,19 +254,19 @@ class LoraStack:
     def route_static(self, index: torch.Tensor, rank: int) -> None:
         """Route from a static slots tensor at `rank`, reading it every forward (for CUDA graph
         capture: the replay reads whatever `index` holds then; see `refresh_static`)."""
-        select = None
+        others = None
         if 2 * index.shape[0] >= self.num_slots:
             # Enough rows that reading every slot once beats copying one slice per row.
-            select = torch.zeros(index.shape[0], self.num_slots, dtype=self._dtype,
-                                 device=index.device)
-        self.context.set(index, rank, cache_gathers=False, select=select)
+            others = torch.ones(index.shape[0], self.num_slots, dtype=torch.bool,
+                                device=index.device)
+        self.context.set(index, rank, cache_gathers=False, others=others)
 
     def refresh_static(self) -> None:
-        """Recompute the one-hot slot mask from the static slots, in place (part of each
+        """Recompute the other-slots mask from the static slots, in place (part of each
         captured step, so a replay masks with the slots the rows hold then)."""
         ctx = self.context
-        if ctx.select is not None and ctx.slots is not None:
-            ctx.select.zero_().scatter_(1, ctx.slots[:, None], 1.0)
+        if ctx.others is not None and ctx.slots is not None:
+            ctx.others.fill_(True).scatter_(1, ctx.slots[:, None], False)
 
     @property
     def installed_rank(self) -> int:

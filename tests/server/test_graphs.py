@@ -3,6 +3,7 @@ capture itself, on the CPU (a recorder that replays steps eagerly); the capture 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import write_random_adapter
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.engine import graphs as graphs_module
 from server.engine.graphs import DecodeGraphs, buckets_for, rank_for
-from server.errors import InvalidArgumentError
+from server.errors import InvalidArgumentError, RowFailedError
 from server.request import TokenEvent
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -51,13 +52,13 @@ class EagerRecorder:
 
     def record(self, step):
         context = self.runner.stack.context
-        routing = (context.slots, context.rank, context.select)
+        routing = (context.slots, context.rank, context.others)
         output = step()
         bucket = (output.shape[0], self.runner.kv.plan.width)
 
         def replay() -> None:
-            slots, rank, select = routing
-            context.set(slots, rank, cache_gathers=False, select=select)
+            slots, rank, others = routing
+            context.set(slots, rank, cache_gathers=False, others=others)
             output.copy_(step())
             self.runner.forget_routing()  # what a real replay leaves: the eager routing
             self.replayed.append(bucket)
@@ -71,33 +72,40 @@ def _answers(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
             for h in handles]
 
 
+def _engine(tiny_base: Path, adapters_root: Path, monkeypatch, recorder, **config) -> Engine:
+    """A started engine on the CPU with alpha@1 and beta@1 loaded; with `recorder` (a function
+    of the runner), on the graph path with its steps recorded and replayed by the recorder."""
+    from common.modeling import LoadOptions, load_base
+
+    model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
+    engine = Engine(model, tokenizer, EngineConfig.build(**config))
+    if recorder is not None:
+        monkeypatch.setattr(graphs_module, "CudaRecorder", lambda: recorder(engine.runner))
+        monkeypatch.setattr(engine, "_graphs_wanted", lambda: True)
+    for key in ("alpha@1", "beta@1"):
+        name, version = key.split("@")
+        engine.load_adapter(key, adapters_root / name / version)
+    engine.start()
+    return engine
+
+
 def test_the_graph_path_gives_the_eager_tokens(tiny_base: Path, adapters_root: Path,
                                               tmp_path: Path, monkeypatch):
     """Batch and width buckets with padded free rows, the all-slots and the gathered LoRA, and
     a capture again when a larger adapter arrives, replayed while decoding ahead as on CUDA:
     the same greedy tokens as eager decode in turn."""
-    from common.modeling import LoadOptions, load_base
-
     torch.set_num_threads(2)
     wide = write_random_adapter(tiny_base, tmp_path, "wide", 1, seed=5, rank=32)
     recorders: list[EagerRecorder] = []
 
     def engine_for(graphs: bool) -> Engine:
-        model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
-        engine = Engine(model, tokenizer, EngineConfig.build(
-            max_batch=8, context_length=512, max_loaded_adapters=4, max_lora_rank=32,
-            decode_ahead=graphs))
+        recorder = None
         if graphs:
-            def recorder() -> EagerRecorder:
-                recorders.append(EagerRecorder(engine.runner))
+            def recorder(runner) -> EagerRecorder:
+                recorders.append(EagerRecorder(runner))
                 return recorders[-1]
-            monkeypatch.setattr(graphs_module, "CudaRecorder", recorder)
-            monkeypatch.setattr(engine, "_graphs_wanted", lambda: True)
-        for key in ("alpha@1", "beta@1"):
-            name, version = key.split("@")
-            engine.load_adapter(key, adapters_root / name / version)
-        engine.start()
-        return engine
+        return _engine(tiny_base, adapters_root, monkeypatch, recorder, decode_ahead=graphs,
+                       max_batch=8, context_length=512, max_loaded_adapters=4, max_lora_rank=32)
 
     def requests(tokenizer) -> list[GenerationRequest]:
         # 245 tokens: crosses the 256-column width bucket mid-answer.
@@ -129,6 +137,46 @@ def test_the_graph_path_gives_the_eager_tokens(tiny_base: Path, adapters_root: P
     assert {1, 8} <= {rows for rows, _ in first.replayed}  # 8: seven rows and a free one
     assert {width for _, width in first.replayed} == {256, 512}
     assert again.replayed and {width for _, width in again.replayed} == {256}
+
+
+def test_an_adapter_whose_product_overflows_fails_only_its_own_rows(
+        tiny_base: Path, adapters_root: Path, tmp_path: Path, monkeypatch):
+    """The graphs multiply every row by every loaded slot under a mask, so a damaged adapter
+    (finite weights, infinite products) must fail its rows alone, not every row of a step."""
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(2)
+    damaged = tmp_path / "damaged" / "1"
+    shutil.copytree(adapters_root / "alpha" / "1", damaged)
+    weights = load_file(damaged / "adapter_model.safetensors")
+    save_file({key: torch.full_like(value, 3e38) if "lora_A" in key else value
+               for key, value in weights.items()}, damaged / "adapter_model.safetensors")
+    recorders: list[EagerRecorder] = []
+
+    def recorder(runner) -> EagerRecorder:
+        recorders.append(EagerRecorder(runner))
+        return recorders[-1]
+
+    engine = _engine(tiny_base, adapters_root, monkeypatch, recorder, decode_ahead=True,
+                     max_batch=8, context_length=256, max_loaded_adapters=4)
+    try:
+        healthy = [GenerationRequest(f"ok{i}", engine.tokenizer.encode(f"question number {i}"),
+                                     adapter, SamplingParams(max_new_tokens=8, ignore_eos=True))
+                   for i, adapter in enumerate([None, "alpha@1", "beta@1", "alpha@1", None])]
+        expected = _answers(engine, healthy)
+        engine.load_adapter("damaged@1", damaged)
+        handles = [engine.submit(r) for r in healthy]
+        bad = engine.submit(GenerationRequest("bad", engine.tokenizer.encode("a question"),
+                                              "damaged@1", SamplingParams(max_new_tokens=8)))
+        with pytest.raises(RowFailedError, match="non-finite"):
+            list(bad)
+        assert [[t for event in h if isinstance(event, TokenEvent) for t in event.token_ids]
+                for h in handles] == expected
+        assert _answers(engine, healthy) == expected  # the damaged slot is still loaded
+    finally:
+        engine.shutdown()
+    (replays,) = recorders
+    assert 8 in {rows for rows, _ in replays.replayed}  # 5 rows, 5 slots: the masked form
 
 
 def test_graphs_are_off_on_the_cpu_and_refused_when_forced(tiny_base: Path):

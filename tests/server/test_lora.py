@@ -93,14 +93,37 @@ def test_every_slot_at_once_under_a_mask_equals_gathering_each_row(stacked, ids)
     gathered = _logits(stack, batch, slots)
     static = torch.zeros(len(slots), dtype=torch.long)
     stack.route_static(static, MAX_RANK)
-    assert stack.context.select is not None  # 12 rows, 20 slots: the all-slots form
+    assert stack.context.others is not None  # 12 rows, 20 slots: the all-slots form
     static.copy_(torch.tensor(slots))  # what a replay sees: slots written after the capture
     stack.refresh_static()
     with torch.inference_mode():
         masked = stack.model(input_ids=batch).logits.float()
     torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-5)
     stack.route_static(static[:2], MAX_RANK)
-    assert stack.context.select is None  # 2 rows: gathering copies less
+    assert stack.context.others is None  # 2 rows: gathering copies less
+
+
+def test_a_damaged_slot_spoils_only_its_own_rows_under_the_mask(tiny_base, adapters_root, ids):
+    """Every row multiplies by every slot in the masked form, so a slot whose product is not
+    finite (NaN in A) must not reach the other slots' rows, as 0 x NaN would."""
+    model, _ = load_base(str(tiny_base))
+    stack = LoraStack(model, num_slots=4, max_rank=MAX_RANK)
+    alpha = read_adapter(_adapter_dir(adapters_root, "alpha@1"), stack.module_shapes, MAX_RANK)
+    stack.install(1, alpha.modules)
+    damaged = {name: LoraWeights(torch.full_like(w.a, float("nan")), w.b, w.scaling)
+               for name, w in list(alpha.modules.items())[:1]}
+    stack.install(3, damaged)
+    slots = [0, 1, 3, 1, 0, 3]
+    batch = ids.repeat(len(slots), 1)
+    stack.route_static(torch.tensor(slots), MAX_RANK)
+    assert stack.context.others is not None
+    stack.refresh_static()
+    with torch.inference_mode():
+        masked = stack.model(input_ids=batch).logits.float()
+    healthy = [row for row, slot in enumerate(slots) if slot != 3]
+    expected = _logits(stack, batch[healthy], [slots[row] for row in healthy])
+    torch.testing.assert_close(masked[healthy], expected, atol=1e-5, rtol=1e-5)
+    assert not masked[[2, 5]].isfinite().any()
 
 
 def test_routing_is_checked_before_the_forward(stacked, ids):
