@@ -11,6 +11,9 @@ from typing import Any
 from common import settings
 from common.settings import require, require_non_negative, require_positive, section, setting
 
+# A longer window would delay each request that finds the engine idle by more than a prefill.
+MAX_BURST_WINDOW_MS = 1000
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -21,9 +24,18 @@ class SchedulerConfig:
     # Always at least one request per step, however long its prompt, so none starves.
     max_prefill_tokens: int = setting(
         4096, "prompt tokens one engine step may prefill (at least one request)")
+    # A prefill is one eager forward whose cost barely depends on its rows (21-31 ms of kernel
+    # launches on a GPU): a burst split across two prefills pays it twice, for a wait of this.
+    burst_window_ms: float = setting(
+        2.0, "when the engine is idle, how long the first new request waits for others sent "
+             "with it, so that they prefill together (0 = none)")
 
     def __post_init__(self) -> None:
         require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
+        window = self.burst_window_ms
+        require(isinstance(window, int | float) and not isinstance(window, bool)
+                and 0 <= window <= MAX_BURST_WINDOW_MS, "burst_window_ms", window,
+                f"a number of milliseconds from 0 to {MAX_BURST_WINDOW_MS}")
 
 
 # The context used when neither the setting nor the model (max_position_embeddings) names one.

@@ -3,9 +3,10 @@
 Every loop iteration is one fixed sequence (vLLM's `EngineCore.step`): collect finished adapter
 reads and install them, schedule, execute (decode every running row, prefill the admitted ones),
 apply the aborts that arrived meanwhile, update request state, emit token ids, free the rows
-that finished. When there is nothing to do the thread blocks on its inbox. Other threads talk
-to it only through thread-safe methods: `submit`, `load_adapter`, `unload_adapter`,
-`loaded_adapters`, `score`, `stats`, `shutdown`.
+that finished. When there is nothing to do the thread blocks on its inbox; woken by a request,
+it gives the requests sent with it the burst window to arrive, so they prefill together. Other
+threads talk to it only through thread-safe methods: `submit`, `load_adapter`,
+`unload_adapter`, `loaded_adapters`, `score`, `stats`, `shutdown`.
 
 Decoding ahead (on by default on CUDA, as vLLM's async scheduling): unless a request joins, each
 step launches the next decode before it reads its own tokens, which are chosen (greedy or
@@ -431,6 +432,7 @@ class Engine:
 
     def _drain_inbox(self) -> bool:
         """Run queued commands; when idle, wait for the first one. False once stopping."""
+        woke = self._idle and not self.scheduler.has_work
         try:
             if not self._idle:
                 item = self._inbox.get_nowait()
@@ -441,15 +443,41 @@ class Engine:
         except queue.Empty:
             return True
         while True:
-            if item is _STOP:
-                self._fail_pending_calls()
+            if not self._handle(item):
                 return False
-            if isinstance(item, _Call):
-                _run_call(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
+                break
+        if woke and self.scheduler.num_waiting:
+            return self._await_burst()
+        return True
+
+    def _await_burst(self) -> bool:
+        """Woken from idle by a request: let the others sent with it arrive (the burst window,
+        or until a batch is full), so they prefill in one forward. False once stopping."""
+        config = self.config.scheduler
+        deadline = time.monotonic() + config.burst_window_ms / 1e3
+        while self.scheduler.num_waiting < config.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return True
+            try:
+                item = self._inbox.get(timeout=left)
+            except queue.Empty:
+                return True
+            if not self._handle(item):
+                return False
+        return True
+
+    def _handle(self, item: Any) -> bool:
+        """Act on one inbox item (a call runs; a wake needs nothing). False once stopping."""
+        if item is _STOP:
+            self._fail_pending_calls()
+            return False
+        if isinstance(item, _Call):
+            _run_call(item)
+        return True
 
     def _fail_pending_calls(self) -> None:
         while True:

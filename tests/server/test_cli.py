@@ -45,7 +45,7 @@ def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
         "--device", "cpu", "--max-batch", "4", "--max-loaded-adapters", "3", "--max-queue", "9",
         "--default-truncation", "middle_out", "--no-sessions", "--metrics-port", "9100",
         "--max-prefill-tokens", "256", "--context-length", "512", "--no-cuda-graphs",
-        "--decode-ahead", "--max-adapter-bytes", "1000", "--log-json",
+        "--decode-ahead", "--max-adapter-bytes", "1000", "--log-json", "--burst-window-ms", "0.5",
     ])
     config = config_from_args(args, {})
     scheduler, cache = config.engine.scheduler, config.engine.cache
@@ -53,7 +53,7 @@ def test_cli_flags_map_to_the_config(tmp_path: Path) -> None:
             scheduler.max_queue) == (0, "cpu", 4, 3, 9)
     assert scheduler.max_prefill_tokens == 256 and config.engine.context_length == 512
     assert config.engine.cuda_graphs is False and cache.max_adapter_bytes == 1000
-    assert config.engine.decode_ahead is True
+    assert config.engine.decode_ahead is True and scheduler.burst_window_ms == 0.5
     assert config.default_truncation == "middle_out" and config.sessions_db is None
     assert config.metrics_port == 9100 and config.adapters_root == tmp_path and config.log_json
 

@@ -56,6 +56,8 @@ def test_a_setting_name_is_unique_in_the_tree() -> None:
     ("max_batch", 0, "max_batch must be an integer >= 1, got 0"),
     ("max_queue", -1, "max_queue must be an integer >= 1, got -1"),
     ("max_prefill_tokens", True, "max_prefill_tokens must be an integer >= 1, got True"),
+    ("burst_window_ms", -1.0, "burst_window_ms must be a number of milliseconds from 0 to 1000"),
+    ("burst_window_ms", float("nan"), "burst_window_ms must be a number of milliseconds"),
     ("max_loaded_adapters", 0, "max_loaded_adapters must be an integer >= 1, got 0"),
     ("adapter_memory_budget_bytes", -1, "adapter_memory_budget_bytes must be an integer >= 0"),
     ("context_length", -1, "context_length must be an integer >= 0 (0 = the model's own)"),

@@ -282,6 +282,33 @@ def test_a_failure_while_packing_rows_still_ends_the_requests_that_finished(
         _collect(long)
 
 
+def test_requests_sent_together_to_an_idle_engine_prefill_in_one_forward(
+        tiny_base, adapters_root, prompts):
+    """The burst window: the first request waits for the others (sent 5 ms apart here), until
+    the batch is full; what does not fit prefills in the next step."""
+    eng = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"], max_batch=4,
+                      max_loaded_adapters=4, burst_window_ms=500)
+    prefills: list[int] = []
+    prefill = eng.runner.prefill
+
+    def counted(joining):
+        prefills.append(len(joining))
+        return prefill(joining)
+
+    eng.runner.prefill = counted
+    eng.start()
+    try:
+        handles = []
+        for i in range(6):
+            request = _request(f"b{i}", prompts[i], ADAPTERS[i % 3], 3, ignore_eos=True)
+            handles.append(eng.submit(request))
+            time.sleep(0.005)
+        assert all(len(_collect(h)[0]) == 3 for h in handles)
+    finally:
+        eng.shutdown()
+    assert prefills == [4, 2]
+
+
 def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):
     engine = _new_engine(tiny_base, adapters_root, [], max_queue=2)  # not started: nothing runs
     handles = [engine.submit(_request(f"q{i}", [5, 6, 7], None, 4)) for i in range(2)]
