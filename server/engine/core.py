@@ -22,6 +22,7 @@ cache), `graphs` (CUDA graph capture), `loader` (adapter reads off this thread);
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -169,6 +170,12 @@ class Engine:
             from server.engine.graphs import DecodeGraphs
 
             self._capture(DecodeGraphs(self.runner))
+        # A full collection walks every object Python tracks, the model's among them: a pause
+        # of 100-300 ms in the middle of some step. Most of what exists now (the model, the
+        # libraries) lives as long as the engine, so it is moved out of the collector's reach,
+        # as vLLM does; shutdown hands it back.
+        gc.collect()
+        gc.freeze()
         self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
         self._thread.start()
 
@@ -209,6 +216,7 @@ class Engine:
             return
         self._inbox.put(_STOP)
         self._thread.join(timeout)
+        gc.unfreeze()
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between steps and return its result (or raise)."""

@@ -7,6 +7,7 @@ ahead (the next step launched before this one's tokens are read), which changes 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -111,6 +112,9 @@ def _mixed_requests(prompts: list[list[int]]) -> list[GenerationRequest]:
 
 
 def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch_of_16(engine, prompts):
+    if engine.model.dtype != torch.float32:
+        pytest.skip("a claim for float32: in bf16 (a GPU) rows may split at near-ties, which "
+                    "the GPU kit's correctness step tells apart from errors")
     requests = _mixed_requests(prompts)
     alone = [_collect(engine.submit(r))[0] for r in requests]
     handles = [engine.submit(r) for r in requests]
@@ -156,9 +160,9 @@ def test_score_equals_peft_log_likelihood(engine, prompts, tiny_base, adapters_r
     peft_model = PeftModel.from_pretrained(base, str(_adapter_dir(adapters_root, "beta@1")))
     prompt, target = prompts[1], prompts[2]
     with torch.inference_mode():
-        logits = peft_model(torch.tensor([prompt + target])).logits[0].float()
-    log_probs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-    expected = float(log_probs.gather(1, torch.tensor(target)[:, None]).sum())
+        logits = peft_model(torch.tensor([prompt + target], device=base.device)).logits[0]
+    log_probs = torch.log_softmax(logits.float()[len(prompt) - 1 : -1], dim=-1)
+    expected = float(log_probs.gather(1, torch.tensor(target, device=base.device)[:, None]).sum())
     result = engine.score(prompt, target, "beta@1")
     assert result.token_count == len(target)
     assert result.log_likelihood == pytest.approx(expected, rel=1e-4, abs=1e-4)
@@ -307,6 +311,17 @@ def test_requests_sent_together_to_an_idle_engine_prefill_in_one_forward(
     finally:
         eng.shutdown()
     assert prefills == [4, 2]
+
+
+def test_the_startup_heap_is_out_of_the_collectors_reach_while_the_engine_runs(
+        tiny_base, adapters_root):
+    eng = _new_engine(tiny_base, adapters_root, [])
+    eng.start()
+    try:
+        assert gc.get_freeze_count() > 0  # full collections skip the model's objects
+    finally:
+        eng.shutdown()
+    assert gc.get_freeze_count() == 0
 
 
 def test_queue_full_raises_at_once_and_shutdown_fails_waiters(tiny_base, adapters_root):

@@ -29,7 +29,7 @@ def stacked(tiny_base: Path, adapters_root: Path):
     (rank 4) in slot 2."""
     torch.set_num_threads(2)
     model, tokenizer = load_base(str(tiny_base))
-    assert use_direct_cpu_kernels(model) > 0
+    assert use_direct_cpu_kernels(model) > 0 or model.device.type != "cpu"
     stack = LoraStack(model, num_slots=20, max_rank=MAX_RANK)
     for slot, key in ((1, "alpha@1"), (2, "beta@1")):
         weights = read_adapter(_adapter_dir(adapters_root, key), stack.module_shapes, MAX_RANK)
