@@ -24,8 +24,8 @@ class SchedulerConfig:
     # Always at least one request per step, however long its prompt, so none starves.
     max_prefill_tokens: int = setting(
         4096, "prompt tokens one engine step may prefill (at least one request)")
-    # A prefill is one eager forward whose cost barely depends on its rows (21-31 ms of kernel
-    # launches on a GPU): a burst split across two prefills pays it twice, for a wait of this.
+    # A prefill is one eager forward whose cost barely depends on its rows (40-80 ms on an H200,
+    # most of it the host launching kernels): a burst split in two pays it twice.
     burst_window_ms: float = setting(
         2.0, "when the engine is idle, how long the first new request waits for others sent "
              "with it, so that they prefill together (0 = none)")

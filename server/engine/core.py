@@ -163,7 +163,8 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Capture the decode graphs when they are on, then start the loop thread."""
+        """Capture the decode graphs when they are on, freeze the startup heap, then start the
+        loop thread."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
         if self._graphs_wanted():

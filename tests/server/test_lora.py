@@ -50,9 +50,9 @@ def peft_model(tiny_base: Path, adapters_root: Path):
 
 @pytest.fixture(scope="module")
 def ids(stacked) -> torch.Tensor:
-    _, tokenizer = stacked
+    stack, tokenizer = stacked
     text = "Tell me about the weather in the mountains today"
-    return torch.tensor([tokenizer.encode(text)])  # (1, T)
+    return torch.tensor([tokenizer.encode(text)], device=stack.model.device)  # (1, T)
 
 
 def _logits(stack: LoraStack, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_every_slot_at_once_under_a_mask_equals_gathering_each_row(stacked, ids)
     slots = [0, 1, 2, 2, 1, 0, 1, 1, 2, 0, 0, 2]
     batch = ids.repeat(len(slots), 1)
     gathered = _logits(stack, batch, slots)
-    static = torch.zeros(len(slots), dtype=torch.long)
+    static = torch.zeros(len(slots), dtype=torch.long, device=ids.device)
     stack.route_static(static, MAX_RANK)
     assert stack.context.others is not None  # 12 rows, 20 slots: the all-slots form
     static.copy_(torch.tensor(slots))  # what a replay sees: slots written after the capture
@@ -115,7 +115,7 @@ def test_a_damaged_slot_spoils_only_its_own_rows_under_the_mask(tiny_base, adapt
     stack.install(3, damaged)
     slots = [0, 1, 3, 1, 0, 3]
     batch = ids.repeat(len(slots), 1)
-    stack.route_static(torch.tensor(slots), MAX_RANK)
+    stack.route_static(torch.tensor(slots, device=ids.device), MAX_RANK)
     assert stack.context.others is not None
     stack.refresh_static()
     with torch.inference_mode():
