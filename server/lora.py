@@ -147,8 +147,9 @@ class StackedLoraLinear(nn.Module):
         a_rows, bt_rows = self._gather()
         h = torch.bmm(x, a_rows.transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
         if result.dtype == h.dtype:
-            # result + h @ B^T in one kernel: (B, T, r) @ (B, r, out) -> (B, T, out)
-            return torch.baddbmm(result, h, bt_rows)
+            # result += h @ B^T in one kernel, (B, T, r) @ (B, r, out), in place: the base
+            # layer's output is this forward's own, and out of place it would be copied first.
+            return result.baddbmm_(h, bt_rows)
         return result + torch.bmm(h, bt_rows).to(result.dtype)
 
     def _all_slots(self, x: torch.Tensor, result: torch.Tensor, others: torch.Tensor,
@@ -164,9 +165,10 @@ class StackedLoraLinear(nn.Module):
         h = h.view(batch, tokens * r, slots).masked_fill_(others[:, None, :], 0)
         h = h.view(-1, r * slots)
         if result.dtype == h.dtype and result.is_contiguous():
-            # result + h @ B^T in one kernel: in a CUDA graph step at small batches, each
-            # kernel costs its launch more than its arithmetic.
-            return torch.addmm(result.view(-1, self.out_features), h, bt).view(result.shape)
+            # result += h @ B^T in one kernel, in place (as above): in a CUDA graph step at
+            # small batches, each kernel costs its launch more than its arithmetic.
+            result.view(-1, self.out_features).addmm_(h, bt)
+            return result
         return result + (h @ bt).view(result.shape).to(result.dtype)
 
 
