@@ -72,15 +72,20 @@ def _answers(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
             for h in handles]
 
 
-def _engine(tiny_base: Path, adapters_root: Path, monkeypatch, recorder, **config) -> Engine:
-    """A started engine on the CPU with alpha@1 and beta@1 loaded; with `recorder` (a function
-    of the runner), on the graph path with its steps recorded and replayed by the recorder."""
+def _engine(tiny_base: Path, adapters_root: Path, monkeypatch,
+            recorders: list[EagerRecorder] | None, **config) -> Engine:
+    """A started engine on the CPU with alpha@1 and beta@1 loaded; with `recorders`, on the
+    graph path, each capture's EagerRecorder appended there."""
     from common.modeling import LoadOptions, load_base
 
     model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
     engine = Engine(model, tokenizer, EngineConfig.build(**config))
-    if recorder is not None:
-        monkeypatch.setattr(graphs_module, "CudaRecorder", lambda: recorder(engine.runner))
+    if recorders is not None:
+        def recorder() -> EagerRecorder:
+            recorders.append(EagerRecorder(engine.runner))
+            return recorders[-1]
+
+        monkeypatch.setattr(graphs_module, "CudaRecorder", recorder)
         monkeypatch.setattr(engine, "_graphs_wanted", lambda: True)
     for key in ("alpha@1", "beta@1"):
         name, version = key.split("@")
@@ -99,13 +104,9 @@ def test_the_graph_path_gives_the_eager_tokens(tiny_base: Path, adapters_root: P
     recorders: list[EagerRecorder] = []
 
     def engine_for(graphs: bool) -> Engine:
-        recorder = None
-        if graphs:
-            def recorder(runner) -> EagerRecorder:
-                recorders.append(EagerRecorder(runner))
-                return recorders[-1]
-        return _engine(tiny_base, adapters_root, monkeypatch, recorder, decode_ahead=graphs,
-                       max_batch=8, context_length=512, max_loaded_adapters=4, max_lora_rank=32)
+        return _engine(tiny_base, adapters_root, monkeypatch, recorders if graphs else None,
+                       decode_ahead=graphs, max_batch=8, context_length=512,
+                       max_loaded_adapters=4, max_lora_rank=32)
 
     def requests(tokenizer) -> list[GenerationRequest]:
         # 245 tokens: crosses the 256-column width bucket mid-answer.
@@ -152,12 +153,7 @@ def test_an_adapter_whose_product_overflows_fails_only_its_own_rows(
     save_file({key: torch.full_like(value, 3e38) if "lora_A" in key else value
                for key, value in weights.items()}, damaged / "adapter_model.safetensors")
     recorders: list[EagerRecorder] = []
-
-    def recorder(runner) -> EagerRecorder:
-        recorders.append(EagerRecorder(runner))
-        return recorders[-1]
-
-    engine = _engine(tiny_base, adapters_root, monkeypatch, recorder, decode_ahead=True,
+    engine = _engine(tiny_base, adapters_root, monkeypatch, recorders, decode_ahead=True,
                      max_batch=8, context_length=256, max_loaded_adapters=4)
     try:
         healthy = [GenerationRequest(f"ok{i}", engine.tokenizer.encode(f"question number {i}"),
