@@ -182,16 +182,21 @@ class CallInterceptor(ServiceInterceptor):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """The call's id, record and metrics around a handler; a failure becomes its status."""
         call, request_id = await self._open(method, request, context)
-        with request_context(request_id), self._scope(call):
-            try:
-                if isinstance(request, UndecodableRequest):
-                    request.check()
-                yield
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the one last-resort handler
-                call.record.error = e
-                await call.abort(e)
+        failure: Exception | None = None
+        with request_context(request_id):
+            with self._scope(call):
+                try:
+                    if isinstance(request, UndecodableRequest):
+                        request.check()
+                    yield
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - the one last-resort handler
+                    call.record.error = failure = e
+            if failure is not None:
+                # Only once the call is observed: a client that has its status may read the
+                # metrics at once, and must find this call counted.
+                await call.abort(failure)
 
     def _unary(self, method: str, behaviour: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
