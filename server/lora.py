@@ -2,13 +2,14 @@
 
 Each targeted Linear / Linear4bit of the base is wrapped once by `StackedLoraLinear`, which
 keeps the A and (scaled) B of every slot stacked. A forward either gathers the rows' slices and
-runs two batched matmuls (the BGMV idea of Punica and S-LoRA, in plain torch), or, for a batch
-with at least half as many rows as there are slots, multiplies by every slot at once and zeroes
-each row's other slots under a mask: that reads each slot's weights once instead of copying
-them per row. Either way a step costs about the same whether its rows share one adapter or use
-sixteen. Slot 0 is all zeros: the bare base. Ranks are padded with zeros to `max_rank`; a
-forward only uses the rank its context names. `LoraStack` owns the wrappers and the
-`LoraContext` they read.
+runs two batched matmuls (the BGMV idea of Punica and S-LoRA, in plain torch), or multiplies by
+every slot at once and zeroes each row's other slots under a mask: that reads each slot's
+weights once instead of copying them per row, and launches the fewest kernels. Layers that read
+one input (a layer's q, k and v projections) then share that first matmul (`SharedShrink`), as
+vLLM's merged qkv LoRA does. Either way a step costs about the same whether its rows share one
+adapter or use sixteen. Slot 0 is all zeros: the bare base. Ranks are padded with zeros to
+`max_rank`; a forward only uses the rank its context names. `LoraStack` owns the wrappers and
+the `LoraContext` they read.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from torch import nn
 from server.cpu4bit import Cpu4bitLinear
 
 BASE_SLOT = 0
+# The all-slots form multiplies each token by every slot: past this many token-slot products a
+# forward (a long prefill) is bound by that arithmetic, not by launches, and gathers instead.
+# 32768 is 1,927 tokens over 17 slots: about 0.7 TFLOP more for a ~1B base at rank 16, some
+# 1.5 ms on an H100 (estimated, not measured).
+ALL_SLOTS_MAX_TOKEN_SLOTS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class LoraContext:
     their gathered slices across decode steps of an unchanged batch. Inside a CUDA graph no
     Python runs at replay, so there `cache_gathers` is off and every forward reads the static
     `slots` tensor afresh; `others` then marks, for each row, the slots that are not its own,
-    when the layers multiply by every slot at once (None: they gather).
+    when the layers multiply by every slot at once (None: they gather). While `seen` is a list,
+    every wrapped layer notes itself and its input there and runs without LoRA.
     """
 
     def __init__(self) -> None:
@@ -53,6 +60,8 @@ class LoraContext:
         self.version = 0
         self.cache_gathers = True
         self.others: torch.Tensor | None = None  # (B, S) bool
+        self.others_by_row: torch.Tensor | None = None  # the same as (B, 1, S)
+        self.seen: list[tuple[StackedLoraLinear, torch.Tensor]] | None = None
 
     def set(self, slots: torch.Tensor | None, rank: int, *, cache_gathers: bool = True,
             others: torch.Tensor | None = None) -> None:
@@ -60,7 +69,60 @@ class LoraContext:
         self.rank = rank
         self.cache_gathers = cache_gathers
         self.others = others
+        self.others_by_row = None if others is None else others[:, None, :]
         self.version += 1
+
+
+class SharedShrink:
+    """The A stacks of the layers that read one input, side by side as (R, M, S, in): in the
+    all-slots form the first of them to run multiplies the input by every member's A in one
+    matmul and masks the product once; each member then reads its own (rows, r * S) part.
+
+    A lone layer is a group of one. The product is kept only from the first member to the last
+    of one forward, for that very input tensor (and routing), so a member called out of turn
+    or with another input computes it again rather than read a stale one.
+    """
+
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a = a
+        self.members = a.shape[1]
+        self._key: tuple[torch.Tensor, int] | None = None
+        self._parts: tuple[torch.Tensor, ...] | None = None
+        self._a_t: tuple[int, torch.Tensor] | None = None
+        self._zero = torch.zeros((), dtype=a.dtype, device=a.device)  # `where` takes no scalar
+
+    def part(self, x: torch.Tensor, member: int, ctx: LoraContext) -> torch.Tensor:
+        """Member `member`'s masked product of `x`, (B * T, r * S), columns (rank, slot)."""
+        key = self._key
+        if key is None or key[0] is not x or key[1] != ctx.version:
+            self._parts = self._product(x, ctx)
+            self._key = (x, ctx.version)
+        part = self._parts[member]
+        if member == self.members - 1:  # the last reader: hold neither the input nor the product
+            self._key = self._parts = None
+        return part
+
+    def _product(self, x: torch.Tensor, ctx: LoraContext) -> tuple[torch.Tensor, ...]:
+        r, members = ctx.rank, self.members
+        if self._a_t is None or self._a_t[0] != r:
+            # The rank prefix of (R, M, S, in) is one contiguous (r * M * S, in) matrix.
+            self._a_t = (r, self.a[:r].view(-1, self.a.shape[-1]).t())
+        batch, tokens, features = x.shape
+        slots = self.a.shape[2]
+        # Converted here, not by the caller: the members know their shared input by identity.
+        x = x.to(self.a.dtype)
+        h = torch.mm(x.reshape(batch * tokens, features), self._a_t[1])  # columns (r, M, S)
+        # Zeroed, not multiplied by a 0/1 mask: 0 x inf is NaN, so a slot whose product
+        # overflows (a damaged adapter) would otherwise fail every row of the step.
+        if members == 1:
+            h.view(batch, tokens * r, slots).masked_fill_(ctx.others_by_row, 0)
+            return (h,)
+        # Masked and reordered member-first in one kernel, so each member's part is contiguous.
+        by_member = h.view(batch, tokens, r, members, slots).permute(3, 0, 1, 2, 4)
+        parts = torch.empty(by_member.shape, dtype=h.dtype, device=h.device)
+        shape = (members, batch, tokens * r, slots)  # the mask is (B, 1, S)
+        torch.where(ctx.others_by_row, self._zero, by_member.view(shape), out=parts.view(shape))
+        return parts.view(members, batch * tokens, r * slots).unbind(0)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -95,9 +157,18 @@ class StackedLoraLinear(nn.Module):
             "lora_bt",
             torch.zeros(max_rank, num_slots, self.out_features, dtype=dtype, device=device),
         )
+        self.shrink = SharedShrink(self.lora_a.view(max_rank, 1, num_slots, self.in_features))
+        self.member = 0  # this layer's index in `shrink`
         self._gathered_version = -1
         self._a_rows: torch.Tensor | None = None
         self._bt_rows: torch.Tensor | None = None
+        self._bt_flat: tuple[int, torch.Tensor] | None = None
+
+    def share(self, shrink: SharedShrink, member: int) -> None:
+        """Read A from `member` of a shrink shared with the layers that read the same input."""
+        shrink.a[:, member].copy_(self.lora_a)
+        self.lora_a = shrink.a[:, member]
+        self.shrink, self.member = shrink, member
 
     def install(self, slot: int, weights: LoraWeights | None) -> None:
         """Write one slot (zeros beyond the adapter's rank; all zeros when `weights` is None)."""
@@ -134,16 +205,20 @@ class StackedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         ctx = self.context
+        if ctx.seen is not None:
+            ctx.seen.append((self, x))
+            return result
         if ctx.slots is None:
             return result
         if x.shape[0] != ctx.slots.shape[0]:
             raise ValueError(
                 f"LoRA routing has {ctx.slots.shape[0]} rows but the batch has {x.shape[0]}"
             )
+        if (ctx.others is not None
+                and x.shape[0] * x.shape[1] * self.lora_a.shape[1] <= ALL_SLOTS_MAX_TOKEN_SLOTS):
+            return self._all_slots(x, result, ctx)
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        if ctx.others is not None:
-            return self._all_slots(x, result, ctx.others, ctx.rank)
         a_rows, bt_rows = self._gather()
         h = torch.bmm(x, a_rows.transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
         if result.dtype == h.dtype:
@@ -152,24 +227,20 @@ class StackedLoraLinear(nn.Module):
             return result.baddbmm_(h, bt_rows)
         return result + torch.bmm(h, bt_rows).to(result.dtype)
 
-    def _all_slots(self, x: torch.Tensor, result: torch.Tensor, others: torch.Tensor,
-                   r: int) -> torch.Tensor:
+    def _all_slots(self, x: torch.Tensor, result: torch.Tensor,
+                   ctx: LoraContext) -> torch.Tensor:
         """result + B[s] A[s] x for each row's slot s, as x through every slot, masked."""
-        slots = self.lora_a.shape[1]
-        a = self.lora_a[:r].view(r * slots, self.in_features)
-        bt = self.lora_bt[:r].view(r * slots, self.out_features)
-        batch, tokens = x.shape[:2]
-        h = torch.mm(x.reshape(batch * tokens, self.in_features), a.t())  # (B*T, r*S)
-        # Zeroed, not multiplied by a 0/1 mask: 0 x inf is NaN, so a slot whose product
-        # overflows (a damaged adapter) would otherwise fail every row of the step.
-        h = h.view(batch, tokens * r, slots).masked_fill_(others[:, None, :], 0)
-        h = h.view(-1, r * slots)
-        if result.dtype == h.dtype and result.is_contiguous():
+        shrunk = self.shrink.part(x, self.member, ctx)
+        r = ctx.rank
+        if self._bt_flat is None or self._bt_flat[0] != r:
+            self._bt_flat = (r, self.lora_bt[:r].view(-1, self.out_features))
+        bt = self._bt_flat[1]
+        if result.dtype == shrunk.dtype and result.is_contiguous():
             # result += h @ B^T in one kernel, in place (as above): in a CUDA graph step at
             # small batches, each kernel costs its launch more than its arithmetic.
-            result.view(-1, self.out_features).addmm_(h, bt)
+            result.view(-1, self.out_features).addmm_(shrunk, bt)
             return result
-        return result + (h @ bt).view(result.shape).to(result.dtype)
+        return result + (shrunk @ bt).view(result.shape).to(result.dtype)
 
 
 def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -180,7 +251,8 @@ def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class LoraStack:
     """All slots of every wrapped layer of one base model; mutated only on the engine thread."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, *,
+                 launch_bound: bool | None = None) -> None:
         if num_slots < 2:
             raise ValueError(f"num_slots must be >= 2 (slot 0 is the base), got {num_slots}")
         self.model = model
@@ -188,6 +260,11 @@ class LoraStack:
         self.max_rank = max_rank
         self.context = LoraContext()
         self._dtype, self._device = _compute_dtype_and_device(model)
+        # Where launching kernels, not arithmetic, bounds a forward (CUDA, default there), every
+        # forward takes the all-slots form, which launches the fewest; elsewhere eager ones
+        # gather, which multiplies S times less.
+        self.launch_bound = self._device.type == "cuda" if launch_bound is None else launch_bound
+        self._inputs_shared = False
         self._wrapped: dict[str, StackedLoraLinear] = {}
         self._slot_ranks = [0] * num_slots
         self._slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
@@ -224,9 +301,38 @@ class LoraStack:
 
     def wrap_all(self) -> None:
         """Wrap every LoRA-able layer now (a captured CUDA graph must see every wrapper that
-        a later adapter could need)."""
+        a later adapter could need), and let the layers that read one input share a shrink."""
         for name in self.module_shapes:
             self._wrap(name)
+        if not self._inputs_shared:
+            self._share_inputs()
+            self._inputs_shared = True
+
+    def _share_inputs(self) -> None:
+        """Run one token through the model to see which layers read the very same tensor (no
+        names of any architecture assumed), and give each such group one `SharedShrink`."""
+        seen: list[tuple[StackedLoraLinear, torch.Tensor]] = []
+        self.context.seen = seen
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self._device),
+                           use_cache=False)
+        finally:
+            self.context.seen = None
+        # `seen` keeps every input alive, so no two of them share an id meanwhile.
+        groups: dict[int, list[StackedLoraLinear]] = {}
+        placed: set[int] = set()
+        for layer, x in seen:
+            if id(layer) not in placed:  # a layer run twice joins the group it ran in first
+                placed.add(id(layer))
+                groups.setdefault(id(x), []).append(layer)
+        for members in groups.values():
+            if len(members) > 1:
+                a = torch.zeros(self.max_rank, len(members), self.num_slots,
+                                members[0].in_features, dtype=self._dtype, device=self._device)
+                shrink = SharedShrink(a)
+                for member, layer in enumerate(members):
+                    layer.share(shrink, member)
 
     def _wrap(self, name: str) -> None:
         if name in self._wrapped:
@@ -251,14 +357,19 @@ class LoraStack:
             return
         if index is None:
             index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
-        self.context.set(index, rank)
+        others = None
+        if self.launch_bound:
+            others = torch.ones(len(slots), self.num_slots, dtype=torch.bool, device=index.device)
+            others.scatter_(1, index[:, None], False)
+        self.context.set(index, rank, others=others)
 
     def route_static(self, index: torch.Tensor, rank: int) -> None:
         """Route from a static slots tensor at `rank`, reading it every forward (for CUDA graph
         capture: the replay reads whatever `index` holds then; see `refresh_static`)."""
         others = None
-        if 2 * index.shape[0] >= self.num_slots:
-            # Enough rows that reading every slot once beats copying one slice per row.
+        if self.launch_bound or 2 * index.shape[0] >= self.num_slots:
+            # Launch-bound, or enough rows that reading every slot once beats copying one
+            # slice per row (on the CPU, where only tests capture).
             others = torch.ones(index.shape[0], self.num_slots, dtype=torch.bool,
                                 device=index.device)
         self.context.set(index, rank, cache_gathers=False, others=others)

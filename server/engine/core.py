@@ -167,6 +167,10 @@ class Engine:
         loop thread."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
+        if self.stack.launch_bound:
+            # Every forward there multiplies by all slots at once, and layers that read one
+            # input share that product: which do is found once every layer is wrapped.
+            self.stack.wrap_all()
         if self._graphs_wanted():
             from server.engine.graphs import DecodeGraphs
 

@@ -75,7 +75,7 @@ def _answers(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
 def _engine(tiny_base: Path, adapters_root: Path, monkeypatch,
             recorders: list[EagerRecorder] | None, **config) -> Engine:
     """A started engine on the CPU with alpha@1 and beta@1 loaded; with `recorders`, on the
-    graph path, each capture's EagerRecorder appended there."""
+    graph path and launch-bound as on CUDA, each capture's EagerRecorder appended there."""
     from common.modeling import LoadOptions, load_base
 
     model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
@@ -87,6 +87,8 @@ def _engine(tiny_base: Path, adapters_root: Path, monkeypatch,
 
         monkeypatch.setattr(graphs_module, "CudaRecorder", recorder)
         monkeypatch.setattr(engine, "_graphs_wanted", lambda: True)
+        # As on CUDA: eager forwards (prefills) multiply by every slot too, shrinks shared.
+        engine.stack.launch_bound = True
     for key in ("alpha@1", "beta@1"):
         name, version = key.split("@")
         engine.load_adapter(key, adapters_root / name / version)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from common.modeling import load_base
+from server import lora as lora_module
 from server.adapter_cache import read_adapter
 from server.cpu4bit import use_direct_cpu_kernels
-from server.lora import LoraStack, LoraWeights, StackedLoraLinear
+from server.lora import LoraContext, LoraStack, LoraWeights, SharedShrink, StackedLoraLinear
 
 MAX_RANK = 16
 
@@ -105,14 +106,17 @@ def test_every_slot_at_once_under_a_mask_equals_gathering_each_row(stacked, ids)
 
 def test_a_damaged_slot_spoils_only_its_own_rows_under_the_mask(tiny_base, adapters_root, ids):
     """Every row multiplies by every slot in the masked form, so a slot whose product is not
-    finite (NaN in A) must not reach the other slots' rows, as 0 x NaN would."""
+    finite (NaN in A) must not reach the other slots' rows, as 0 x NaN would; nor through a
+    shrink its layer shares with others (here q_proj's, with k and v)."""
     model, _ = load_base(str(tiny_base))
-    stack = LoraStack(model, num_slots=4, max_rank=MAX_RANK)
+    stack = LoraStack(model, num_slots=4, max_rank=MAX_RANK, launch_bound=True)
     alpha = read_adapter(_adapter_dir(adapters_root, "alpha@1"), stack.module_shapes, MAX_RANK)
     stack.install(1, alpha.modules)
     damaged = {name: LoraWeights(torch.full_like(w.a, float("nan")), w.b, w.scaling)
-               for name, w in list(alpha.modules.items())[:1]}
+               for name, w in alpha.modules.items() if name.endswith("0.self_attn.q_proj")}
+    assert len(damaged) == 1
     stack.install(3, damaged)
+    stack.wrap_all()
     slots = [0, 1, 3, 1, 0, 3]
     batch = ids.repeat(len(slots), 1)
     stack.route_static(torch.tensor(slots, device=ids.device), MAX_RANK)
@@ -121,9 +125,92 @@ def test_a_damaged_slot_spoils_only_its_own_rows_under_the_mask(tiny_base, adapt
     with torch.inference_mode():
         masked = stack.model(input_ids=batch).logits.float()
     healthy = [row for row, slot in enumerate(slots) if slot != 3]
+    stack.launch_bound = False  # the healthy rows alone, gathered: no slot 3 in the sums
     expected = _logits(stack, batch[healthy], [slots[row] for row in healthy])
+    assert stack.context.others is None
     torch.testing.assert_close(masked[healthy], expected, atol=1e-5, rtol=1e-5)
     assert not masked[[2, 5]].isfinite().any()
+
+
+@pytest.fixture(scope="module")
+def launch_bound(tiny_base: Path, adapters_root: Path) -> LoraStack:
+    """The same base and adapters as `stacked`, in a stack that multiplies by every slot in
+    every forward (as on CUDA), with every layer wrapped and its shrinks shared."""
+    model, _ = load_base(str(tiny_base))
+    stack = LoraStack(model, num_slots=20, max_rank=MAX_RANK, launch_bound=True)
+    for slot, key in ((1, "alpha@1"), (2, "beta@1")):
+        weights = read_adapter(_adapter_dir(adapters_root, key), stack.module_shapes, MAX_RANK)
+        stack.install(slot, weights.modules)
+    stack.wrap_all()
+    return stack
+
+
+def test_layers_that_read_one_input_share_one_shrink(launch_bound):
+    """Found by running the model, not by names: in each Llama layer q, k and v read the
+    normed hidden state, gate and up the normed attention output; o and down read their own."""
+    layers = launch_bound.model.model.layers
+    assert len(layers) > 0
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        assert q.shrink is k.shrink is v.shrink
+        assert [q.member, k.member, v.member] == [0, 1, 2]
+        assert mlp.gate_proj.shrink is mlp.up_proj.shrink
+        assert [mlp.gate_proj.member, mlp.up_proj.member] == [0, 1]
+        assert attention.o_proj.shrink.members == mlp.down_proj.shrink.members == 1
+        # The adapters installed before the sharing were moved into the shared stacks.
+        assert q.lora_a[:, 1].any() and v.lora_a[:, 2].any()
+        assert q.lora_a.data_ptr() != k.lora_a.data_ptr()
+
+
+def test_shared_shrinks_give_the_gathered_logits(stacked, launch_bound, ids):
+    """Mixed rows of several tokens (a prefill's shape) through the shared, masked form equal
+    the gathered form's rows, for the bare base, a rank-16 and a rank-4 adapter."""
+    slots = [0, 1, 2, 2, 1, 0, 1]
+    batch = ids.repeat(len(slots), 1)
+    gathered = _logits(stacked[0], batch, slots)
+    launch_bound.route(slots)
+    assert launch_bound.context.others is not None  # launch-bound: the all-slots form
+    with torch.inference_mode():
+        shared = launch_bound.model(input_ids=batch).logits.float()
+    torch.testing.assert_close(shared, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_of_many_tokens_gathers_even_when_launch_bound(stacked, launch_bound, ids,
+                                                                monkeypatch):
+    """Past ALL_SLOTS_MAX_TOKEN_SLOTS (a long prefill) multiplying every token by every slot
+    costs more arithmetic than the launches it saves: such a forward gathers, and agrees."""
+    slots = [0, 1, 2, 1]
+    batch = ids.repeat(len(slots), 1)
+    gathered = _logits(stacked[0], batch, slots)
+    tokens_times_slots = batch.numel() * launch_bound.num_slots
+    monkeypatch.setattr(lora_module, "ALL_SLOTS_MAX_TOKEN_SLOTS", tokens_times_slots - 1)
+
+    def never(*args: object) -> None:
+        raise AssertionError("the all-slots form ran past its token limit")
+
+    monkeypatch.setattr(SharedShrink, "part", never)
+    launch_bound.route(slots)
+    with torch.inference_mode():
+        logits = launch_bound.model(input_ids=batch).logits.float()
+    torch.testing.assert_close(logits, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_shrink_never_hands_out_a_product_of_another_input():
+    """A member that runs with an input other than the one the product was made from (out of
+    turn, or after a failed forward) gets its own input's product."""
+    torch.manual_seed(0)
+    context = LoraContext()
+    shrink = SharedShrink(torch.randn(4, 2, 3, 8))  # rank 4, two members, three slots, in 8
+    context.set(torch.tensor([1, 2]), 4, others=torch.tensor([[True, False, True]] * 2))
+    first, second = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    shrink.part(first, 0, context)  # the product of `first`, kept for member 1
+    alone = SharedShrink(shrink.a.clone())
+    expected = alone.part(second, 0, context), alone.part(second, 1, context)
+    assert torch.equal(shrink.part(second, 1, context), expected[1])
+    assert torch.equal(shrink.part(second, 0, context), expected[0])
+    masked = shrink.part(second, 1, context).view(2, 4, 3)
+    assert not masked[:, :, [0, 2]].any()  # every row's other slots zeroed
 
 
 def test_routing_is_checked_before_the_forward(stacked, ids):
