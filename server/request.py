@@ -85,6 +85,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """One or more new tokens: every token the engine had pushed when the reader looked (a
+    reader that lags behind the engine takes what piled up as one event, not one per token)."""
+
     text_delta: str
     token_ids: list[int]
     completion_tokens: int
@@ -196,15 +199,25 @@ class RequestHandle:
             tail = self._output.final_delta()
             tokens = [TokenEvent(tail, [], self._output.completion_tokens)] if tail else []
             return [*tokens, self._finish(item.reason)]
-        delta = self._output.on_token(item.token_id, is_eos=item.is_eos)
-        reason = item.finish
-        if self._output.stopped:
-            self.cancel()  # a stop string ended the text: free the engine's row
-            reason = "stop"
+        # Every token already pushed goes into this one event, as vLLM's output collector
+        # merges what a slow consumer has not read: under load that is one message (and one
+        # pass up the stream's generators) per several tokens, where the reader would fall
+        # further behind taking them one at a time.
+        ids, deltas = [], []
+        while True:
+            ids.append(item.token_id)
+            deltas.append(self._output.on_token(item.token_id, is_eos=item.is_eos))
+            reason = item.finish
+            if self._output.stopped:
+                self.cancel()  # a stop string ended the text: free the engine's row
+                reason = "stop"
+            if reason is not None or not self._pushed or not isinstance(self._pushed[0], _Token):
+                break
+            item = self._pushed.popleft()
         if reason is None:
-            return [TokenEvent(delta, [item.token_id], self._output.completion_tokens)]
-        delta += self._output.final_delta()
-        return [TokenEvent(delta, [item.token_id], self._output.completion_tokens),
+            return [TokenEvent("".join(deltas), ids, self._output.completion_tokens)]
+        deltas.append(self._output.final_delta())
+        return [TokenEvent("".join(deltas), ids, self._output.completion_tokens),
                 self._finish(reason)]
 
     def _finish(self, reason: FinishReason) -> FinishEvent:

@@ -101,12 +101,15 @@ class ChatCall:
             adapter_path=path, sampling=self.chat.sampling, deadline=self.deadline))
         if self._cancelled:
             self._generation.cancel()
-        last = time.monotonic()
+        last: float | None = None  # when the last tokens came (the first token's wait is TTFT)
         try:
             async for event in self._generation.stream():
                 if isinstance(event, TokenEvent):
                     now = time.monotonic()
-                    record.inter_token_s.append(now - last)
+                    if last is not None and event.token_ids:
+                        # Tokens read together (the reader was behind) share the gap evenly.
+                        count = len(event.token_ids)
+                        record.inter_token_s.extend([(now - last) / count] * count)
                     record.generated, last = event.completion_tokens, now
                     yield Delta(event.text_delta, event.completion_tokens)
                 else:

@@ -44,8 +44,21 @@ def test_a_chat_streams_deltas_then_one_result_and_fills_its_record() -> None:
     assert engine.submitted[0].adapter == "alpha@1"
     assert engine.submitted[0].adapter_path is not None  # the engine admits it itself
     assert record.chat and record.adapter_key == "alpha@1" and record.answer is not None
-    assert record.generated == 2 and len(record.inter_token_s) == 2
+    # Two tokens, one gap between them: the first token's wait is the time to first token.
+    assert record.generated == 2 and len(record.inter_token_s) == 1
     assert core.admission.in_flight() == (0, {})
+
+
+def test_tokens_that_arrive_together_share_the_gap_before_them() -> None:
+    """A reader behind the engine gets several tokens in one event: each counts one gap, an
+    equal share of the wait, so the latency histogram still has one sample per token."""
+    engine = FakeEngine(script=[TokenEvent("one ", [1], 1), TokenEvent("two three four ",
+                                [2, 3, 4], 4), FinishEvent("stop", "one two three four", 3, 4,
+                                                           0.01, 0.02, 0.03)])
+    items, record = run_chat(ChatCall(make_core(engine), chat_input(), None))
+    assert [i.text for i in items if isinstance(i, Delta)] == ["one ", "two three four "]
+    assert record.generated == 4 and len(record.inter_token_s) == 3
+    assert len(set(record.inter_token_s)) == 1 and record.inter_token_s[0] >= 0
 
 
 def test_places_are_free_before_the_result_is_seen() -> None:
