@@ -2,8 +2,8 @@
 
 Every request gets the caller's `x-request-id` (or a fresh id) bound for its whole life, as the
 gRPC edge does, and sent back in the response headers; it gets a `CallRecord` the core fills,
-recorded in the metrics once it is answered (server/observe.py), labelled protocol="http". A
-body over max_request_bytes is answered 413 before the app reads it. While
+recorded in the metrics just before its last byte is sent (server/observe.py), labelled
+protocol="http". A body over max_request_bytes is answered 413 before the app reads it. While
 the server drains (SIGTERM), new requests are answered 503 and the ones in flight, streams
 included, are counted until their last byte is sent, so `drained()` means every caller has its
 answer. This wraps the whole FastAPI app, outside Starlette's own error middleware, so a failure
@@ -89,15 +89,30 @@ class HttpEdge(InFlight):
         request_id = request_id_of(scope)
         token = protocol_var.set("http")
         record, started = CallRecord(), time.monotonic()
+        observed = False
+
+        def observe() -> None:
+            nonlocal observed
+            if not observed:
+                observed = True
+                observe_call(self.runtime.metrics, route_of(scope), record,
+                             time.monotonic() - started)
+
+        async def sending(message: Message) -> None:
+            # Counted before its last byte goes out, so a caller that has its whole answer
+            # and then reads the metrics finds the call there.
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                observe()
+            await send(message)
+
         try:
             with request_context(request_id), recording(record):
-                await self._serve(scope, receive, _with_request_id(send, request_id))
+                await self._serve(scope, receive, _with_request_id(sending, request_id))
         except BaseException as e:
             record.error = e
             raise
         finally:
-            observe_call(self.runtime.metrics, route_of(scope), record,
-                         time.monotonic() - started)
+            observe()  # a call that ended without its last byte (a failure, a disconnect)
             protocol_var.reset(token)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,6 +7,7 @@ unit tests need no server.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import threading
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 from conftest import free_port
+from starlette.responses import PlainTextResponse
 from switchboard.v1 import switchboard_pb2 as pb
 
 from server.app import RunningServer, start_in_thread
@@ -36,7 +38,10 @@ from server.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from server.metrics import Metrics
+from server.openai.edge import HttpEdge
 from server.openai.errors import PayloadTooLargeError, http_error_of
+from server.runtime import Runtime
 
 SHORT = 8
 KEY = "test-api-key-0123456789"
@@ -272,6 +277,29 @@ def test_http_requests_are_counted_with_their_protocol(client, server) -> None:
     lines = [line for line in text.splitlines() if line.startswith("switchboard_requests_total")]
     assert any('protocol="http"' in line and 'code="OK"' in line for line in lines), lines
     assert any('protocol="http"' in line and 'code="NOT_FOUND"' in line for line in lines)
+
+
+def test_an_http_call_is_counted_before_its_last_byte_is_sent() -> None:
+    """A caller that has its whole answer and then reads the metrics finds its call counted
+    (the edge around a plain ASGI answer, with the real metrics)."""
+    metrics = Metrics()
+    config = ServerConfig(base="unused", adapters_root=Path("unused"))
+    edge = HttpEdge(PlainTextResponse("ok"), 1024, Runtime(config, metrics=metrics))
+    labels = {"method": "GET unmatched", "code": "OK", "protocol": "http"}
+    counted_at_last_byte = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            counted_at_last_byte.append(
+                metrics.registry.get_sample_value("switchboard_rpcs_total", labels))
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    asyncio.run(edge(scope, receive, send))
+    assert counted_at_last_byte == [1.0]
+    assert metrics.registry.get_sample_value("switchboard_rpcs_total", labels) == 1.0  # once
 
 
 def test_openapi_schema_and_health_are_served_without_a_key(url) -> None:
