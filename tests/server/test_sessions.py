@@ -298,32 +298,39 @@ from common.conversation import Message
 from server.sessions import SQLiteSessionStore
 
 store = SQLiteSessionStore(sys.argv[1])
-prefix, i = sys.argv[2], 0
-while True:
+prefix = sys.argv[2]
+for i, _ in enumerate(sys.stdin):  # one turn per line the test sends, so it never runs ahead
     store.append_turn(f"{prefix}-{i % 3}", [
         Message("user", f"q{i} " + "x" * 3000),
         Message("assistant", f"a{i} " + "y" * 5000),
     ])
     print(i, flush=True)
-    i += 1
 """
 
 
 def run_and_kill(path: Path, prefix: str, acknowledged: int) -> int:
-    """Start a writer, SIGKILL it after `acknowledged` committed turns; returns the last ack."""
+    """Start a writer, SIGKILL it as it starts the turn after `acknowledged` committed ones;
+    returns the last ack. The writer waits for a line before each turn: free-running, it got
+    several turns past the last ack the test had read on a loaded machine."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), prefix],
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[2])
     last, deadline = -1, time.monotonic() + 60
     try:
         while last + 1 < acknowledged and time.monotonic() < deadline:
+            proc.stdin.write("turn\n")
+            proc.stdin.flush()
             line = proc.stdout.readline()
             if not line:
                 break
             last = int(line)
-        os.kill(proc.pid, signal.SIGKILL)  # mid-way through the next turn, most likely
+        proc.stdin.write("turn\n")
+        proc.stdin.flush()
+        os.kill(proc.pid, signal.SIGKILL)  # mid-way through that next turn, most likely
     finally:
         proc.wait()
         proc.stdout.close()
+        proc.stdin.close()
     assert proc.returncode == -signal.SIGKILL and last + 1 >= acknowledged
     return last
 
