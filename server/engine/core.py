@@ -56,7 +56,7 @@ from server.errors import (
 )
 from server.lora import BASE_SLOT, LoraStack
 from server.output import OutputProcessor
-from server.request import GenerationRequest, Request, RequestHandle, RequestStatus
+from server.request import GenerationRequest, Request, RequestHandle, RequestStatus, Wakeups
 from server.sampling import RowSampler
 from server.scheduler import RowOutput, Scheduler, StepPlan
 
@@ -159,6 +159,7 @@ class Engine:
         ahead = self.config.decode_ahead
         self.decodes_ahead = self.runner.device.type == "cuda" if ahead is None else ahead
         self._ahead: LaunchedDecode | None = None  # the decode launched for the next step
+        self._wakeups = Wakeups()  # the async readers a step's tokens wake, woken at its end
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -570,16 +571,17 @@ class Engine:
     # -- engine thread: events ---------------------------------------------------------------
 
     def _emit(self, outputs: list[RowOutput], aborted: list[Request]) -> None:
-        running = RequestStatus.RUNNING
+        running, wakeups = RequestStatus.RUNNING, self._wakeups
         for request, token_id, is_eos, error in outputs:
             if request.status is running:  # the common case: one token, nothing else
-                request.handle.push_token(token_id, is_eos, None)
+                request.handle.push_token(token_id, is_eos, None, wakeups)
                 continue
             self._release(request)
             if error is not None:
                 request.handle.push_error(error)
             else:
-                request.handle.push_token(token_id, is_eos, request.finish_reason)
+                request.handle.push_token(token_id, is_eos, request.finish_reason, wakeups)
+        wakeups.flush()
         self._emit_cancelled(aborted)
         if self._hooks.on_tokens:
             produced = Counter(r.spec.adapter for r, _, _, error in outputs if error is None)

@@ -252,10 +252,10 @@ def test_a_finished_row_leaves_the_batch_before_its_reader_is_woken(engine, prom
         handle = engine.submit(_request("leaves", prompts[0], ADAPTERS[0], 4, ignore_eos=True))
         push_token = handle.push_token
 
-        def watched(token_id: int, is_eos: bool, finish) -> None:
+        def watched(token_id: int, is_eos: bool, finish, *wakeups) -> None:
             if finish is not None:
                 rows_at_finish.append(len(engine.runner.rows))
-            push_token(token_id, is_eos, finish)
+            push_token(token_id, is_eos, finish, *wakeups)
 
         handle.push_token = watched
         return handle

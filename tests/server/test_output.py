@@ -21,6 +21,7 @@ from server.request import (
     Request,
     RequestHandle,
     TokenEvent,
+    Wakeups,
 )
 from server.sampling import SamplingParams
 from server.scheduler import Scheduler, SchedulerConfig
@@ -324,6 +325,43 @@ def test_async_iteration_reads_the_same_events():
     thread.join()
     assert "".join(t.text_delta for t in tokens) == finish.text == "hi "
     assert finish.reason == "stop"
+
+
+def test_the_readers_one_step_wakes_get_one_call_into_their_loop():
+    """The engine gathers the async readers a step's tokens wake and wakes them together at
+    the step's end: one `call_soon_threadsafe` per loop, not one per reader."""
+    handles = [make_handle() for _ in range(3)]
+    loop = asyncio.new_event_loop()
+    calls, before_flush = [], []
+    real = loop.call_soon_threadsafe
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    loop.call_soon_threadsafe = counted
+    wakeups = Wakeups()
+
+    def engine_step() -> None:
+        for handle, char in zip(handles, "abc", strict=True):
+            handle.push_token(ord(char), False, None, wakeups)
+        before_flush.append(len(calls))
+        wakeups.flush()
+
+    async def scenario() -> list[str]:
+        readers = [asyncio.create_task(anext(handle)) for handle in handles]
+        await asyncio.sleep(0.05)  # every reader has found nothing and sleeps on its flag
+        thread = threading.Thread(target=engine_step)
+        thread.start()
+        events = await asyncio.wait_for(asyncio.gather(*readers), timeout=10)
+        thread.join()
+        return [event.text_delta for event in events]
+
+    try:
+        assert loop.run_until_complete(scenario()) == ["a", "b", "c"]
+    finally:
+        loop.close()
+    assert before_flush == [0] and len(calls) == 1
 
 
 def test_async_iteration_raises_the_engine_failure():
