@@ -51,3 +51,21 @@ def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
         assert run["engine_ms_per_step"] > 0 and run["forward_ms_per_step"] > 0
         assert run["floor_ms"] is None and run["vs_floor"] is None
     assert result["summary"]["engine_vs_naive"] > 0
+
+
+def test_bench_host_work_smoke(run_bench, tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    printed = run_bench("bench_host_work", [
+        "--layers", "2", "--adapters", "2", "--rows-lora", "2", "--prefill-tokens", "4",
+        "--rows", "4", "--steps", "5", "--step-ms", "1", "--rounds", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    kernels = {(r["shape"], r["form"]): r["lora_kernel_ops"] for r in result["lora_launches"]}
+    assert len(kernels) == 5 and "(a) LoRA ops per forward" in printed
+    # Counts, not timings: per Llama layer q/k/v and gate/up share one matmul and one mask.
+    for shape in ("prefill", "decode step"):
+        per_layer = kernels[shape, "every slot, per layer"]
+        shared = kernels[shape, "every slot, shared shrinks (CUDA)"]
+        assert per_layer - shared == 2 * 6, (shape, per_layer, shared)
+    assert kernels["prefill", "gathered rows (CPU)"] > kernels["prefill", "every slot, per layer"]
+    assert [r["form"] for r in result["wakeups"]] == ["a call per reader", "one call per loop"]
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["wakeups"])
