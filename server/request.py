@@ -212,11 +212,11 @@ class RequestHandle:
             self._reader_sleeps = False
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
-        now = wakeups or Wakeups()
+        gathered = Wakeups() if wakeups is None else wakeups
         for loop, flag in waiters:
-            now.add(loop, flag)
-        if wakeups is None:
-            now.flush()
+            gathered.add(loop, flag)
+        if wakeups is None:  # no step will flush them: wake them now
+            gathered.flush()
 
     # -- reader side -------------------------------------------------------------------------
 

@@ -572,16 +572,18 @@ class Engine:
 
     def _emit(self, outputs: list[RowOutput], aborted: list[Request]) -> None:
         running, wakeups = RequestStatus.RUNNING, self._wakeups
-        for request, token_id, is_eos, error in outputs:
-            if request.status is running:  # the common case: one token, nothing else
-                request.handle.push_token(token_id, is_eos, None, wakeups)
-                continue
-            self._release(request)
-            if error is not None:
-                request.handle.push_error(error)
-            else:
-                request.handle.push_token(token_id, is_eos, request.finish_reason, wakeups)
-        wakeups.flush()
+        try:
+            for request, token_id, is_eos, error in outputs:
+                if request.status is running:  # the common case: one token, nothing else
+                    request.handle.push_token(token_id, is_eos, None, wakeups)
+                    continue
+                self._release(request)
+                if error is not None:
+                    request.handle.push_error(error)
+                else:
+                    request.handle.push_token(token_id, is_eos, request.finish_reason, wakeups)
+        finally:
+            wakeups.flush()  # also after a failure here: no reader is left asleep on a token
         self._emit_cancelled(aborted)
         if self._hooks.on_tokens:
             produced = Counter(r.spec.adapter for r, _, _, error in outputs if error is None)
