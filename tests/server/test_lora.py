@@ -204,7 +204,7 @@ def test_a_shared_shrink_never_hands_out_a_product_of_another_input():
     torch.manual_seed(0)
     context = LoraContext()
     shrink = SharedShrink(torch.randn(4, 2, 3, 8))  # rank 4, two members, three slots, in 8
-    context.set(torch.tensor([1, 2]), 4, others=torch.tensor([[True, False, True]] * 2))
+    context.set(torch.tensor([1, 1]), 4, others=torch.tensor([[True, False, True]] * 2))
     first, second = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
     shrink.part(first, 0, context)  # the product of `first`, kept for member 1
     alone = SharedShrink(shrink.a.clone())
