@@ -8,7 +8,9 @@
       new versions are loaded and an alias is moved under 16 streams vs the same load steady;
   (e) 16 and 64 streams over 16 adapters through gRPC and, on CUDA, the bare base's captured
       decode step at that batch (the graph floor) with the ratio to it.
-The server, the raw engine and PEFT run on the machine's device (--device auto).
+The server, the raw engine and PEFT run on the machine's device (--device auto). The callers
+run in a process of their own, as a served model's callers do: in the bench's process, their
+Python would take the interpreter lock from the server's engine and event loop threads.
 
 The API has no `ignore_eos`, so answer lengths are fixed by choosing, per adapter, prompts whose
 greedy answers run past max_new_tokens (`calibrate`, on the raw engine, before any measurement);
@@ -24,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,10 +129,31 @@ async def _concurrent(target: str, jobs: Sequence[Job]) -> tuple[list[Answer], f
         return list(answers), time.perf_counter() - started
 
 
-def grpc_streams(target: str, jobs: Sequence[Job], label: str,
+class Callers:
+    """The bench's clients of one server, run in one process spawned for them (once: it
+    imports this module, about 3 s), each call `asyncio.run` there on a coroutine function."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._pool = ProcessPoolExecutor(max_workers=1,
+                                         mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(target, *args)`'s result, awaited in the callers' process."""
+        return self._pool.submit(_run_call, call, self.target, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _run_call(call: Callable[..., Any], target: str, *args: Any) -> Any:
+    return asyncio.run(call(target, *args))
+
+
+def grpc_streams(callers: Callers, jobs: Sequence[Job], label: str,
                  ) -> tuple[Measurement, list[Answer]]:
     """All `jobs` as concurrent streams; tokens are the completion tokens the server reports."""
-    answers, seconds = asyncio.run(_concurrent(target, jobs))
+    answers, seconds = callers.run(_concurrent, list(jobs))
     return Measurement(label, sum(a.completion_tokens for a in answers), seconds), answers
 
 
@@ -149,7 +174,7 @@ class Setup:
     """What every measurement shares: the server, the raw engine, the PEFT model and, per adapter
     key, the prompts whose answers run to full length (see `calibrate`)."""
 
-    target: str
+    callers: Callers
     engine: Any
     peft: Any
     tokenizer: Any
@@ -221,7 +246,7 @@ def calibrate(engine: Any, tokenizer: Any, needs: dict[str, tuple[int, int]],
 def throughput_round(s: Setup) -> tuple[list[Measurement], list[Answer]]:
     count, args = len(s.lengths), s.args
     four_keys = [f"bench{i}@1" for i in s.four]
-    served, answers = grpc_streams(s.target, s.jobs(four_keys, s.lengths),
+    served, answers = grpc_streams(s.callers, s.jobs(four_keys, s.lengths),
                                    f"gRPC, {count} streams over {args.adapters} adapters")
     # The baselines generate exactly the tokens each served row did (min = max new tokens).
     counts = [a.completion_tokens for a in answers]
@@ -230,10 +255,10 @@ def throughput_round(s: Setup) -> tuple[list[Measurement], list[Answer]]:
     raw = engine_run(s.engine, ids, four_keys, counts,
                      f"raw engine, same {count} rows, no gRPC")
     same = [args.mix_tokens] * count
-    one, _ = grpc_streams(s.target, s.jobs(["bench0@1"] * count, same),
+    one, _ = grpc_streams(s.callers, s.jobs(["bench0@1"] * count, same),
                           f"gRPC, {count} streams x {args.mix_tokens} tokens, 1 adapter")
     distinct, _ = grpc_streams(
-        s.target, s.jobs([f"bench{i}@1" for i in range(count)], same),
+        s.callers, s.jobs([f"bench{i}@1" for i in range(count)], same),
         f"gRPC, {count} streams x {args.mix_tokens} tokens, {count} adapters")
     return [served, naive, raw, one, distinct], answers
 
@@ -263,7 +288,7 @@ async def _loads(target: str, refs: Sequence[str]) -> list[tuple[float, float]]:
 
 
 def load_round(s: Setup, versions: Sequence[int]) -> dict[str, float]:
-    timings = asyncio.run(_loads(s.target, [f"{SWAP_NAME}@{v}" for v in versions]))
+    timings = s.callers.run(_loads, [f"{SWAP_NAME}@{v}" for v in versions])
     wall = [t[0] for t in timings]
     server = [t[1] for t in timings]
     return {"loads": len(wall), "p50_s": percentile(wall, 0.5), "p95_s": percentile(wall, 0.95),
@@ -315,8 +340,8 @@ def latency_run(s: Setup, swaps: Sequence[int], interval: float) -> dict[str, An
     count, args = len(s.lengths), s.args
     # Every swap version holds bench0's weights: bench0's calibrated prompts apply.
     jobs = s.jobs(["bench0@1"] * count, [args.mix_tokens] * count, [LIVE_ALIAS] * count)
-    answers, failures, moved, seconds = asyncio.run(
-        _closed_loop(s.target, jobs, args.swap_requests, swaps, interval))
+    answers, failures, moved, seconds = s.callers.run(
+        _closed_loop, jobs, args.swap_requests, list(swaps), interval)
     latencies = [a.latency_s for a in answers]
     return {"requests": len(answers), "failed": len(failures), "failures": failures[:5],
             "swaps_done": moved, "seconds": seconds,
@@ -327,8 +352,8 @@ def latency_run(s: Setup, swaps: Sequence[int], interval: float) -> dict[str, An
 
 def swap_round(s: Setup, swaps: Sequence[int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Steady state (alias fixed on swap@1), then the same load with `swaps` moved in."""
-    asyncio.run(_admin(s.target, [("load", f"{SWAP_NAME}@1", ""),
-                                  ("alias", f"{SWAP_NAME}@1", LIVE_ALIAS)]))
+    s.callers.run(_admin, [("load", f"{SWAP_NAME}@1", ""),
+                           ("alias", f"{SWAP_NAME}@1", LIVE_ALIAS)])
     steady = latency_run(s, [], 0.0)
     interval = steady["seconds"] / (len(swaps) + 1)
     return steady, latency_run(s, swaps, interval)
@@ -444,7 +469,7 @@ def stream_rows(s: Setup, floors: dict[int, float]) -> list[dict[str, Any]]:
     rows = []
     for streams in s.args.streams:
         keys = [f"bench{i % s.args.stream_adapters}@1" for i in range(streams)]
-        measured, _ = grpc_streams(s.target, s.jobs(keys, [s.args.mix_tokens] * streams),
+        measured, _ = grpc_streams(s.callers, s.jobs(keys, [s.args.mix_tokens] * streams),
                                    f"gRPC, {streams} streams over {s.args.stream_adapters}")
         floor = floors.get(streams)
         ratio = None if floor is None else measured.tokens_per_s / (streams / (floor / 1e3))
@@ -490,19 +515,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base=str(base), adapters_root=root, port=0, device=device,
             max_batch=max(args.max_batch, *args.streams), context_length=1024,
             max_loaded_adapters=written + 4, max_lora_rank=64, sessions_db=None))
+        callers = Callers(server.target)
         try:
             started = time.perf_counter()
             found = calibrate(engine, tokenizer, needs)
             print(f"calibrated prompts in {time.perf_counter() - started:.1f} s")
-            s = Setup(server.target, engine, peft, tokenizer, found, lengths, four, args)
-            asyncio.run(_admin(s.target, [("load", f"bench{i}@1", "") for i in range(written)]))
-            grpc_streams(s.target, s.jobs([f"bench{i}@1" for i in four], lengths), "warm-up")
+            s = Setup(callers, engine, peft, tokenizer, found, lengths, four, args)
+            callers.run(_admin, [("load", f"bench{i}@1", "") for i in range(written)])
+            grpc_streams(callers, s.jobs([f"bench{i}@1" for i in four], lengths), "warm-up")
             warm = s.ids(["bench0@1"] * 2, [4, 4])
             engine_run(engine, warm, ["bench0@1", None], [4, 4], "warm-up")
             naive_loop(peft, warm[:1], ["a0"], [4])
             results = measure(s)
             results["streams"] = stream_rows(s, floors)
         finally:
+            callers.close()
             server.stop()
             engine.shutdown()
     results["device"] = device
