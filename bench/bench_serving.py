@@ -171,8 +171,8 @@ async def _admin(target: str, calls: Sequence[tuple[str, str, str]]) -> None:
 
 @dataclass
 class Setup:
-    """What every measurement shares: the server, the raw engine, the PEFT model and, per adapter
-    key, the prompts whose answers run to full length (see `calibrate`)."""
+    """What every measurement shares: the server's callers, the raw engine, the PEFT model and,
+    per adapter key, the prompts whose answers run to full length (see `calibrate`)."""
 
     callers: Callers
     engine: Any
