@@ -33,6 +33,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+    """An int or a float, and not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def require_positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)

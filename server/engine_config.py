@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import settings
-from common.settings import require, require_non_negative, require_positive, section, setting
+from common.settings import (
+    is_number,
+    require,
+    require_non_negative,
+    require_positive,
+    section,
+    setting,
+)
 
 # A longer window would delay each request that finds the engine idle by more than a prefill.
 MAX_BURST_WINDOW_MS = 1000
@@ -33,9 +40,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
         window = self.burst_window_ms
-        require(isinstance(window, int | float) and not isinstance(window, bool)
-                and 0 <= window <= MAX_BURST_WINDOW_MS, "burst_window_ms", window,
-                f"a number of milliseconds from 0 to {MAX_BURST_WINDOW_MS}")
+        require(is_number(window) and 0 <= window <= MAX_BURST_WINDOW_MS, "burst_window_ms",
+                window, f"a number of milliseconds from 0 to {MAX_BURST_WINDOW_MS}")
 
 
 # The context used when neither the setting nor the model (max_position_embeddings) names one.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from common.settings import is_number
 from server.errors import RowFailedError
 
 
@@ -41,11 +42,11 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=0)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
-        if not _is_number(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(
                 f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}"
             )
@@ -63,10 +64,6 @@ class SamplingParams:
         if self.max_new_tokens:
             return self
         return replace(self, max_new_tokens=default_max_new_tokens)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
