@@ -357,10 +357,7 @@ class LoraStack:
             return
         if index is None:
             index = torch.tensor(list(slots), dtype=torch.long, device=self._device)
-        others = None
-        if self.launch_bound:
-            others = torch.ones(len(slots), self.num_slots, dtype=torch.bool, device=index.device)
-            others.scatter_(1, index[:, None], False)
+        others = self._others_of(index) if self.launch_bound else None
         self.context.set(index, rank, others=others)
 
     def route_static(self, index: torch.Tensor, rank: int) -> None:
@@ -370,8 +367,7 @@ class LoraStack:
         if self.launch_bound or 2 * index.shape[0] >= self.num_slots:
             # Launch-bound, or enough rows that reading every slot once beats copying one
             # slice per row (on the CPU, where only tests capture).
-            others = torch.ones(index.shape[0], self.num_slots, dtype=torch.bool,
-                                device=index.device)
+            others = self._others_of(index)
         self.context.set(index, rank, cache_gathers=False, others=others)
 
     def refresh_static(self) -> None:
@@ -379,12 +375,23 @@ class LoraStack:
         captured step, so a replay masks with the slots the rows hold then)."""
         ctx = self.context
         if ctx.others is not None and ctx.slots is not None:
-            ctx.others.fill_(True).scatter_(1, ctx.slots[:, None], False)
+            _mark_others(ctx.others, ctx.slots)
+
+    def _others_of(self, index: torch.Tensor) -> torch.Tensor:
+        """A new (rows, slots) mask of the slots each row of `index` does not use."""
+        others = torch.empty(index.shape[0], self.num_slots, dtype=torch.bool,
+                             device=index.device)
+        return _mark_others(others, index)
 
     @property
     def installed_rank(self) -> int:
         """The largest rank of any adapter installed now (0 when none is)."""
         return max(self._slot_ranks)
+
+
+def _mark_others(others: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """In place: True everywhere but at each row's own slot."""
+    return others.fill_(True).scatter_(1, slots[:, None], False)
 
 
 def _compute_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
