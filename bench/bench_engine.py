@@ -11,7 +11,10 @@ min/max tokens for PEFT and `ignore_eos` for the engine):
       base's captured decode step at that batch (the graph floor) with the ratio to it; then
       over 16 adapters again with decoding ahead switched the other way (on by default on
       CUDA only), as that setting's baseline.
-Runs on the machine's device (--device auto). Prints tables and writes JSON with --out.
+Runs on the machine's device (--device auto). On the CPU the engine times its own intra-op
+threads per forward size at start (`server.engine.cpu_threads`, at most --threads), while PEFT
+runs with --threads, as a script that sets them would; `--threads 1` gives both one thread.
+Prints tables and writes JSON with --out.
 
     .venv/bin/python bench/bench_engine.py --base build/tiny-base --out bench_engine.json
 """
@@ -274,6 +277,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["device"] = device
     results["quantize"] = args.quantize
     results["graph_capture_s"] = engine.graph_capture_seconds
+    plan = engine.thread_plan
+    results["thread_plan"] = None if plan is None else asdict(plan)
+    if plan is not None:
+        print(f"\nengine: {plan.describe()} (timed in {plan.seconds:.1f}s); PEFT ran with "
+              f"--threads {args.threads}")
     results["streams"] = [{**asdict(r), "vs_floor": r.vs_floor} for r in streams]
     return results
 

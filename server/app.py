@@ -74,12 +74,15 @@ class _Components:
 
 
 def _engine_summary(engine: Engine) -> str:
-    """The engine's shape for the ready line: KV cache size and CUDA graph capture time."""
+    """The engine's shape for the ready line: KV cache size, CUDA graph capture time and, on
+    the CPU, the threads timed for each forward size."""
     kv = engine.runner.kv
     graphs = ("CUDA graphs off" if engine.graph_capture_seconds is None
               else f"CUDA graphs captured in {engine.graph_capture_seconds:.1f}s")
+    plan = engine.thread_plan
+    threads = "" if plan is None else f", {plan.describe()} (timed in {plan.seconds:.1f}s)"
     return (f"KV cache {kv.max_rows} rows x {kv.capacity} tokens "
-            f"({kv.bytes / 2**20:.0f} MiB), {graphs}")
+            f"({kv.bytes / 2**20:.0f} MiB), {graphs}{threads}")
 
 
 def _make_metrics(config: ServerConfig, parts: _Components) -> int:

@@ -132,6 +132,8 @@ class ServerConfig:
         require(isinstance(self.engine, EngineConfig), "engine", self.engine, "an EngineConfig")
         require(not (self.engine.cuda_graphs and self.device == "cpu"), "cuda_graphs",
                 self.engine.cuda_graphs, "off with device cpu (CUDA graphs need a GPU)")
+        require(not (self.engine.tune_cpu_threads and self.device == "cuda"), "tune_cpu_threads",
+                self.engine.tune_cpu_threads, "off with device cuda (it times CPU forwards)")
         require(self.default_truncation in TRUNCATION_STRATEGIES, "default_truncation",
                 self.default_truncation, f"one of {TRUNCATION_STRATEGIES}")
         self.default_truncation = TruncationStrategy(self.default_truncation)

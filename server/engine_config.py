@@ -69,8 +69,8 @@ class AdapterCacheConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine settings: the KV shape, prefill chunking, CUDA graphs, decoding ahead, the default
-    answer length, and the scheduler and adapter cache sections."""
+    """Engine settings: the KV shape, prefill chunking, CUDA graphs, decoding ahead, CPU
+    threads, the default answer length, and the scheduler and adapter cache sections."""
 
     # Each row's KV capacity, allocated at start for max_batch rows.
     context_length: int = setting(
@@ -84,6 +84,10 @@ class EngineConfig:
     decode_ahead: bool | None = setting(
         None, "launch the next decode step before the host handles this one's tokens, so the "
               "device works meanwhile (default: on for CUDA only)")
+    # Timing costs a few seconds at start on a 135M float32 base (a few forwards per size).
+    tune_cpu_threads: bool | None = setting(
+        None, "on the CPU, time forwards of each size at start with 1, 2, 4 ... --threads "
+              "intra-op threads and run each with the fastest (default: on for the CPU)")
     default_max_new_tokens: int = setting(128, "answer length when a request names none")
     scheduler: SchedulerConfig = section(SchedulerConfig, "scheduler")
     cache: AdapterCacheConfig = section(AdapterCacheConfig, "adapter cache")
@@ -95,9 +99,9 @@ class EngineConfig:
                 "an AdapterCacheConfig")
         require_non_negative(self, "context_length", zero_means="the model's own")
         require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
-        for name in ("cuda_graphs", "decode_ahead"):
+        for name in ("cuda_graphs", "decode_ahead", "tune_cpu_threads"):
             require(getattr(self, name) in (None, True, False), name, getattr(self, name),
-                    "true, false or None (on for CUDA only)")
+                    "true, false or None (the device's default)")
         if self.context_length:
             require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",
                     self.default_max_new_tokens, f"< context_length ({self.context_length})")

@@ -45,6 +45,13 @@ from server.adapter_cache import (
     read_adapter,
 )
 from server.cpu4bit import use_direct_cpu_kernels
+from server.engine.cpu_threads import (
+    LONGEST_TIMED,
+    ThreadPlan,
+    candidate_counts,
+    forward_sizes,
+    measure,
+)
 from server.engine.loader import AdapterLoader, LoadDone
 from server.engine.runner import LaunchedDecode, ModelRunner, RunnerConfig
 from server.engine_config import EngineConfig
@@ -156,6 +163,7 @@ class Engine:
         self._idle = True
         self._stats = [0, 0, 0.0, 0.0]  # steps, rows, step seconds, forward seconds
         self.graph_capture_seconds: float | None = None
+        self.thread_plan: ThreadPlan | None = None  # CPU threads by forward size, once timed
         ahead = self.config.decode_ahead
         self.decodes_ahead = self.runner.device.type == "cuda" if ahead is None else ahead
         self._ahead: LaunchedDecode | None = None  # the decode launched for the next step
@@ -164,10 +172,12 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Capture the decode graphs when they are on, freeze the startup heap, then start the
-        loop thread."""
+        """Capture the decode graphs when they are on, freeze the startup heap, start the loop
+        thread, and on the CPU time its forwards' threads there."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
+        most = torch.get_num_threads()
+        time_threads = self._threads_wanted(most)
         if self.stack.launch_bound:
             # Every forward there multiplies by all slots at once, and layers that read one
             # input share that product: which do is found once every layer is wrapped.
@@ -184,6 +194,17 @@ class Engine:
         gc.freeze()
         self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
         self._thread.start()
+        if time_threads:
+            try:
+                self.thread_plan = self._call(lambda: self._time_threads(most))
+            except Exception:
+                if self.config.tune_cpu_threads:  # asked for explicitly: a failure is an error
+                    self.shutdown()
+                    raise
+                log.exception("timing CPU threads failed; every forward keeps %d threads", most)
+            else:
+                log.info("%s (timed in %.1fs)", self.thread_plan.describe(),
+                         self.thread_plan.seconds)
 
     def _capture(self, graphs: Any) -> None:
         """Capture (or capture again) the decode graphs; eager decode if that fails."""
@@ -204,14 +225,33 @@ class Engine:
                      len(graphs), graphs.buckets, graphs.widths, graphs.rank,
                      self.graph_capture_seconds)
 
+    def _threads_wanted(self, most: int) -> bool:
+        wanted = self._on_by_default_on("tune_cpu_threads", "cpu",
+                                        "it times CPU forwards (turn it off on a GPU)")
+        return wanted and most > 1
+
+    def _time_threads(self, most: int) -> ThreadPlan:
+        """On the engine thread, whose OpenMP pool the forwards use: time them, then plan."""
+        config = self.runner.config
+        longest = min(LONGEST_TIMED, config.prefill_chunk_tokens, config.max_seq_len - 1)
+        plan = measure(self.runner.forward_for_timing, forward_sizes(config.max_rows, longest),
+                       candidate_counts(most), torch.set_num_threads)
+        self.runner.threads = plan
+        return plan
+
     def _graphs_wanted(self) -> bool:
-        on_cuda = self.runner.device.type == "cuda"
-        wanted = self.config.cuda_graphs
-        if wanted and not on_cuda:
+        return self._on_by_default_on(
+            "cuda_graphs", "cuda",
+            "CUDA graphs need a CUDA device (turn them off, or use --cuda-graphs only on a GPU)")
+
+    def _on_by_default_on(self, name: str, device: str, why: str) -> bool:
+        """Setting `name`: None means on for a model on `device` only; True elsewhere fails."""
+        here = self.runner.device.type == device
+        wanted = getattr(self.config, name)
+        if wanted and not here:
             raise InvalidArgumentError(
-                f"cuda_graphs is on but the model is on {self.runner.device}; CUDA graphs "
-                "need a CUDA device (turn them off, or use --cuda-graphs only on a GPU)")
-        return on_cuda if wanted is None else wanted
+                f"{name} is on but the model is on {self.runner.device}; {why}")
+        return here if wanted is None else wanted
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the loop; requests still waiting or running end with UnavailableError."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from server.engine.cpu_threads import ThreadPlan
 from server.engine.kv import PrefillWrite, SlotKVCache
 from server.errors import RowFailedError
 from server.lora import LoraStack
@@ -30,6 +31,8 @@ from server.sampling import pick_tokens, read_picks, sample_batch
 
 # Decodes launched and not yet read, at most: the one being read and the one launched ahead.
 IN_FLIGHT = 2
+# Columns a timing decode attends over (`forward_for_timing`): a chat turn's context, roughly.
+TIMING_WIDTH = 256
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class ModelRunner:
         self._host_lengths: list[int] = []  # mirror of `lengths[:n]`, for widths and copies
         self._routed = False  # whether the LoRA context holds rows [0, n)'s slots
         self.graphs: Any = None  # server.engine.graphs.DecodeGraphs once captured
+        self.threads: ThreadPlan | None = None  # CPU threads by forward size, once timed
+        self._threads_now = 0  # what this thread's forwards were last given (0: not set)
         self.forward_seconds = 0.0  # time inside model forwards, for the engine's stats
         # Page-locked host memory for deferred picks (a copy into pageable memory would wait
         # for the device), one buffer per decode in flight, taken in turn; flat, so that the
@@ -140,6 +145,7 @@ class ModelRunner:
         return dict(zip(launched.rows, tokens, strict=True))
 
     def _decode_eager(self, n: int) -> torch.Tensor:
+        self._use_threads(n)
         if not self._routed:
             self.stack.route([r.slot for r in self.rows], self.slots[:n])
             self._routed = True
@@ -176,6 +182,7 @@ class ModelRunner:
         prompt_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         self.stack.route([r.slot for r in joining])
         self._routed = False
+        self._use_threads(count * min(width, self.config.prefill_chunk_tokens))
         started = time.perf_counter()
         last_hidden = self._prefill_chunks(ids, prompt_lengths, lengths, first)
         logits = self.lm_head(last_hidden)[:, -1].float()  # (N, V)
@@ -268,11 +275,35 @@ class ModelRunner:
         ids = torch.tensor([prompt_ids + target_ids], dtype=torch.long, device=self.device)
         self.stack.route([slot])
         self._routed = False
+        self._use_threads(ids.shape[1])
         logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # (T, V)
         # Position t predicts token t+1: the target tokens are predicted from P-1 .. T-2.
         log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
         targets = torch.tensor(target_ids, dtype=torch.long, device=self.device)
         return float(log_probs.gather(1, targets[:, None]).sum())
+
+    # -- CPU threads -------------------------------------------------------------------------
+
+    def forward_for_timing(self, tokens: int) -> None:
+        """One forward of `tokens` tokens into free rows, its output dropped (for timing, while
+        no row runs): a decode of that many rows, or past the rows there are, one row's prefill
+        of that many tokens."""
+        if self.rows:
+            raise RuntimeError("timing forwards write into free rows; rows are running")
+        if tokens <= self.config.max_rows:
+            self.decode_logits(tokens, min(TIMING_WIDTH, self.config.max_seq_len))
+            return
+        ids = torch.full((1, tokens), self.pad_id, dtype=torch.long, device=self.device)
+        self._prefill_chunks(ids, torch.tensor([tokens], device=self.device), [tokens], 0)
+
+    def _use_threads(self, tokens: int) -> None:
+        """Give this thread's next forward of `tokens` tokens the planned intra-op threads."""
+        if self.threads is None:
+            return
+        wanted = self.threads.for_tokens(tokens)
+        if wanted != self._threads_now:
+            torch.set_num_threads(wanted)
+            self._threads_now = wanted
 
     # -- helpers -----------------------------------------------------------------------------
 
