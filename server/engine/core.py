@@ -16,7 +16,8 @@ dropped.
 
 Parts, each in its own file: `server.scheduler` (who runs; adapters admitted only when
 resident), `runner` (the forward and sampling over persistent buffers), `kv` (slots of the KV
-cache), `graphs` (CUDA graph capture), `loader` (adapter reads off this thread); on the CPU a
+cache), `graphs` (CUDA graph capture), `loader` (adapter reads off this thread), `cpu_threads`
+(on the CPU, the intra-op threads each forward size runs with, timed at start); on the CPU a
 4-bit base calls its kernels directly (`server.cpu4bit`).
 """
 
