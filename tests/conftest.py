@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,19 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_restored():
+    """Each module leaves torch's intra-op thread count as it found it: the engine tests run on
+    two threads, and an engine started later in the same worker with two (an in-process server)
+    would time its threads at start, seconds that test nothing."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else int(os.environ["OMP_NUM_THREADS"])
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,

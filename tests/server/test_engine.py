@@ -60,10 +60,13 @@ def _adapter_dir(root: Path, key: str) -> Path:
     return root / name / version
 
 
-def _new_engine(base: Path, root: Path, keys: list[str], **config: int) -> Engine:
+def _new_engine(base: Path, root: Path, keys: list[str], **config: int | None) -> Engine:
+    """An engine on two threads; it times them at start only when asked (test_cpu_threads'
+    subject; the module's shared engine does, as a server does)."""
     torch.set_num_threads(2)
     model, tokenizer = load_base(str(base))
-    engine = Engine(model, tokenizer, EngineConfig.build(**config), observer=Recorder())
+    settings = EngineConfig.build(**{"tune_cpu_threads": False, **config})
+    engine = Engine(model, tokenizer, settings, observer=Recorder())
     for key in keys:
         engine.load_adapter(key, _adapter_dir(root, key))
     return engine
@@ -72,7 +75,7 @@ def _new_engine(base: Path, root: Path, keys: list[str], **config: int) -> Engin
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, adapters_root: Path):
     eng = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"],
-                      max_loaded_adapters=4)
+                      max_loaded_adapters=4, tune_cpu_threads=None)
     eng.start()
     yield eng
     eng.shutdown()

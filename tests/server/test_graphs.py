@@ -75,11 +75,12 @@ def _answers(engine: Engine, requests: list[GenerationRequest]) -> list[list[int
 def _engine(tiny_base: Path, adapters_root: Path, monkeypatch,
             recorders: list[EagerRecorder] | None, **config) -> Engine:
     """A started engine on the CPU with alpha@1 and beta@1 loaded; with `recorders`, on the
-    graph path and launch-bound as on CUDA, each capture's EagerRecorder appended there."""
+    graph path and launch-bound as on CUDA, each capture's EagerRecorder appended there. Its
+    CPU threads are not timed (as on CUDA, where graphs run)."""
     from common.modeling import LoadOptions, load_base
 
     model, tokenizer = load_base(str(tiny_base), LoadOptions(device="cpu"))
-    engine = Engine(model, tokenizer, EngineConfig.build(**config))
+    engine = Engine(model, tokenizer, EngineConfig.build(tune_cpu_threads=False, **config))
     if recorders is not None:
         def recorder() -> EagerRecorder:
             recorders.append(EagerRecorder(engine.runner))
