@@ -5,8 +5,8 @@ multi-threaded kernel's fork and barrier can cost more than its second thread sa
 VM the tiny NF4 base decoded 16 rows in 20 ms per step with one thread and in 40 ms with two,
 while the 135M float32 base was faster with one thread up to 16 rows and with two at 64 rows and
 in long prefills. Where that crossover lies depends on the machine and the model, so the engine
-times it at start on its own thread (OpenMP pools are per thread), as CUDA graphs are captured
-there, and runs every forward with the count that was fastest for its size.
+times it at start, as it captures CUDA graphs on a GPU, but on its own loop thread (OpenMP pools
+are per thread), and runs every forward with the count that was fastest for its size.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ThreadPlan:
         return self.threads[index] if index < len(self.sizes) else self.beyond
 
     def describe(self) -> str:
-        """`1-8 tokens: 1, 16-64: 2, more: 2`, runs of equal counts merged."""
+        """`CPU threads by forward tokens 1-8: 1, 9-64: 2, more: 2`: equal counts merged."""
         parts, low = [], 1
         for i, (size, count) in enumerate(zip(self.sizes, self.threads, strict=True)):
             if i + 1 < len(self.sizes) and self.threads[i + 1] == count:
