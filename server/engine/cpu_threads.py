@@ -26,6 +26,9 @@ MARGIN = 0.05
 # Timed forwards per count and size, after one untimed; fewer once they take BUDGET_S each.
 REPEATS = 5
 BUDGET_S = 0.2
+# No size is started once timing has taken this long: a large model on many cores (each count a
+# few forwards of seconds) must not hold the start for minutes; larger sizes get every thread.
+TOTAL_BUDGET_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,15 @@ def measure(forward: Callable[[int], object], sizes: Sequence[int], counts: Sequ
     """Time `forward(tokens)` at each size with each thread count and plan the fastest.
 
     Sizes are timed in rising order; once the most threads win two sizes in a row, larger
-    forwards (only more arithmetic per kernel) are taken to want them too and are not timed."""
+    forwards (only more arithmetic per kernel) are taken to want them too and are not timed,
+    nor are any once TOTAL_BUDGET_S has gone."""
     started = clock()
     most = max(counts)
     chosen: list[int] = []
     try:
         for size in sizes:
             chosen.append(fastest(_time(forward, size, counts, set_threads, clock)))
-            if chosen[-2:] == [most, most]:
+            if chosen[-2:] == [most, most] or clock() - started > TOTAL_BUDGET_S:
                 break
     finally:
         set_threads(most)

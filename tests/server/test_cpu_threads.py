@@ -103,6 +103,15 @@ def test_timing_stops_once_the_most_threads_win_two_sizes_in_a_row():
     assert {size for kind, size in cpu.calls if kind == "forward"} == {1, 2}
 
 
+def test_no_size_is_started_once_the_total_budget_is_spent():
+    cpu = FakeCpu(lambda tokens, threads: 3.0 if threads == 2 else 1.0)  # one thread wins
+    plan = measure(cpu.forward, (1, 2, 4, 8, 16), (1, 2), cpu.set_threads, cpu.clock)
+    # 8 s a size (one untimed and one timed forward per count: a round spends the repeats'
+    # budget), so the fourth size ends past 30 s and the fifth is not started.
+    assert plan.sizes == (1, 2, 4, 8) and plan.threads == (1, 1, 1, 1) and plan.beyond == 2
+    assert plan.for_tokens(16) == 2
+
+
 def test_counts_take_turns_after_one_untimed_forward_each():
     cpu = FakeCpu(lambda tokens, threads: 1.0)  # slow: one timed round spends the budget
     measure(cpu.forward, (8,), (1, 2), cpu.set_threads, cpu.clock)
