@@ -164,7 +164,6 @@ class Engine:
         self._idle = True
         self._stats = [0, 0, 0.0, 0.0]  # steps, rows, step seconds, forward seconds
         self.graph_capture_seconds: float | None = None
-        self.thread_plan: ThreadPlan | None = None  # CPU threads by forward size, once timed
         ahead = self.config.decode_ahead
         self.decodes_ahead = self.runner.device.type == "cuda" if ahead is None else ahead
         self._ahead: LaunchedDecode | None = None  # the decode launched for the next step
@@ -197,7 +196,7 @@ class Engine:
         self._thread.start()
         if time_threads:
             try:
-                self.thread_plan = self._call(lambda: self._time_threads(most))
+                self._call(lambda: self._time_threads(most))
             except Exception:
                 if self.config.tune_cpu_threads:  # asked for explicitly: a failure is an error
                     self.shutdown()
@@ -231,14 +230,18 @@ class Engine:
                                         "it times CPU forwards (turn it off on a GPU)")
         return wanted and most > 1
 
-    def _time_threads(self, most: int) -> ThreadPlan:
+    def _time_threads(self, most: int) -> None:
         """On the engine thread, whose OpenMP pool the forwards use: time them, then plan."""
         config = self.runner.config
         longest = min(LONGEST_TIMED, config.prefill_chunk_tokens, config.max_seq_len - 1)
-        plan = measure(self.runner.forward_for_timing, forward_sizes(config.max_rows, longest),
-                       candidate_counts(most), torch.set_num_threads)
-        self.runner.threads = plan
-        return plan
+        self.runner.threads = measure(
+            self.runner.forward_for_timing, forward_sizes(config.max_rows, longest),
+            candidate_counts(most), torch.set_num_threads)
+
+    @property
+    def thread_plan(self) -> ThreadPlan | None:
+        """The CPU threads each forward size runs with (None: not timed)."""
+        return self.runner.threads
 
     def _graphs_wanted(self) -> bool:
         return self._on_by_default_on(
