@@ -10,7 +10,8 @@ min/max tokens for PEFT and `ignore_eos` for the engine):
       (everything but the model forward, timed apart by the engine) and, on CUDA, the bare
       base's captured decode step at that batch (the graph floor) with the ratio to it; then
       over 16 adapters again with decoding ahead switched the other way (on by default on
-      CUDA only), as that setting's baseline.
+      CUDA only), as that setting's baseline. Each row runs --stream-rounds times, the rows
+      taking turns, and shows its median round.
 Runs on the machine's device (--device auto). On the CPU the engine times its own intra-op
 threads per forward size at start (`server.engine.cpu_threads`, at most --threads), while PEFT
 runs with --threads, as a script that sets them would; `--threads 1` gives both one thread.
@@ -27,7 +28,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ class StreamRun:
     engine_ms_per_step: float  # step time minus model forward time, per step
     forward_ms_per_step: float
     floor_ms: float | None  # the bare base's captured decode step at this batch (CUDA)
+    rounds_tokens_per_s: tuple[float, ...] = ()  # every round of this row; it shows the median
 
     @property
     def vs_floor(self) -> float | None:
@@ -200,6 +202,13 @@ def stream_run(engine: Any, prompts: list[list[int]], streams: int, adapters: in
                      own / steps * 1e3, forward / steps * 1e3, floor_ms)
 
 
+def median_round(rounds: list[StreamRun]) -> StreamRun:
+    """The round with the median tok/s (the lower of two middles), with every round's tok/s."""
+    ordered = sorted(rounds, key=lambda r: r.tokens_per_s)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return replace(middle, rounds_tokens_per_s=tuple(r.tokens_per_s for r in rounds))
+
+
 def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace,
                  floors: dict[int, float]) -> list[StreamRun]:
     runs = []
@@ -208,21 +217,27 @@ def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace
         # Unmeasured: the first prefill of a new batch shape grows the device's memory pool
         # (and on the CPU the allocator's), a one-time cost that is not the steady state.
         stream_run(engine, prompts, streams, args.stream_adapters, 2, None)
-        for adapters, ahead in ((args.stream_adapters, default), (1, default),
-                                (args.stream_adapters, not default)):
-            engine.decodes_ahead = ahead  # the engine is idle between runs; read each step
-            runs.append(stream_run(engine, prompts, streams, adapters, args.mix_tokens,
-                                   floors.get(streams)))
+        settings = ((args.stream_adapters, default), (1, default),
+                    (args.stream_adapters, not default))
+        # The settings take turns, so that a slow spell of the machine hits them alike.
+        rounds: list[list[StreamRun]] = [[] for _ in settings]
+        for _ in range(args.stream_rounds):
+            for done, (adapters, ahead) in zip(rounds, settings, strict=True):
+                engine.decodes_ahead = ahead  # the engine is idle between runs; read each step
+                done.append(stream_run(engine, prompts, streams, adapters, args.mix_tokens,
+                                       floors.get(streams)))
+        runs.extend(median_round(done) for done in rounds)
         engine.decodes_ahead = default
     print(f"\n{'streams':>7} {'adapters':>8} {'ahead':>5} {'tok/s':>9} {'engine ms/step':>15} "
-          f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9}")
+          f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9}  rounds' tok/s")
     for run in runs:
         floor = "-" if run.floor_ms is None else f"{run.floor_ms:.2f}"
         ratio = "-" if run.vs_floor is None else f"{run.vs_floor:.2f}"
         ahead = "on" if run.decode_ahead else "off"
+        every = ", ".join(f"{t:.0f}" for t in run.rounds_tokens_per_s)
         print(f"{run.streams:7d} {run.adapters:8d} {ahead:>5} {run.tokens_per_s:9.1f} "
               f"{run.engine_ms_per_step:15.3f} {run.forward_ms_per_step:16.3f} {floor:>9} "
-              f"{ratio:>9}")
+              f"{ratio:>9}  {every}")
     return runs
 
 
@@ -366,8 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-adapters", type=int, default=16,
                         help="adapters the streams are spread over (and 1, for the ratio)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="repeat every measurement; each reports its fastest round")
+                        help="repeat every measurement but the streams; each reports its "
+                             "fastest round")
+    parser.add_argument("--stream-rounds", type=int, default=3,
+                        help="repeat each stream row; it reports its median round")
     args = parser.parse_args(argv)
+    if args.stream_rounds < 1:
+        parser.error(f"--stream-rounds must be >= 1, got {args.stream_rounds}")
     results = run(args)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@
   (d) LoadAdapter latency (p50, p95 over distinct versions) and the p99 request latency while
       new versions are loaded and an alias is moved under 16 streams vs the same load steady;
   (e) 16 and 64 streams over 16 adapters through gRPC and, on CUDA, the bare base's captured
-      decode step at that batch (the graph floor) with the ratio to it.
+      decode step at that batch (the graph floor) with the ratio to it; each count's median
+      round. `--streams-only` measures (e) alone, without loading PEFT.
 The server, the raw engine and PEFT run on the machine's device (--device auto). The callers
 run in a process of their own, as a served model's callers do: in the bench's process, their
 Python would take the interpreter lock from the server's engine and event loop threads.
@@ -34,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -465,21 +466,55 @@ def measure(s: Setup) -> dict[str, Any]:
 
 
 def stream_rows(s: Setup, floors: dict[int, float]) -> list[dict[str, Any]]:
-    """(e): each stream count over `--stream-adapters` adapters, with the floor ratio."""
+    """(e): each stream count over `--stream-adapters` adapters, `--rounds` times with the counts
+    taking turns; each shows its median round (the lower of two middles) and the floor ratio."""
+    jobs = {streams: s.jobs([f"bench{i % s.args.stream_adapters}@1" for i in range(streams)],
+                            [s.args.mix_tokens] * streams) for streams in s.args.streams}
+    rounds: dict[int, list[float]] = {streams: [] for streams in s.args.streams}
+    for batch in jobs.values():
+        # Unmeasured: a new batch shape's first prefill grows the memory pools once.
+        grpc_streams(s.callers, [replace(job, max_new_tokens=2) for job in batch], "warm-up")
+    for _ in range(s.args.rounds):
+        for streams, done in rounds.items():
+            measured, _ = grpc_streams(s.callers, jobs[streams],
+                                       f"gRPC, {streams} streams over {s.args.stream_adapters}")
+            done.append(measured.tokens_per_s)
     rows = []
-    for streams in s.args.streams:
-        keys = [f"bench{i % s.args.stream_adapters}@1" for i in range(streams)]
-        measured, _ = grpc_streams(s.callers, s.jobs(keys, [s.args.mix_tokens] * streams),
-                                   f"gRPC, {streams} streams over {s.args.stream_adapters}")
+    for streams, done in rounds.items():
+        median = sorted(done)[(len(done) - 1) // 2]
         floor = floors.get(streams)
-        ratio = None if floor is None else measured.tokens_per_s / (streams / (floor / 1e3))
+        ratio = None if floor is None else median / (streams / (floor / 1e3))
         rows.append({"streams": streams, "adapters": s.args.stream_adapters,
-                     "tokens_per_s": measured.tokens_per_s, "floor_ms": floor,
+                     "tokens_per_s": median, "rounds_tokens_per_s": done, "floor_ms": floor,
                      "vs_floor": ratio})
         shown = "-" if ratio is None else f"{ratio:.2f} of the graph floor ({floor:.2f} ms)"
+        every = ", ".join(f"{t:.0f}" for t in done)
         print(f"(e) {streams} streams over {s.args.stream_adapters} adapters: "
-              f"{measured.tokens_per_s:.1f} tok/s; {shown}")
+              f"{median:.1f} tok/s (rounds: {every}); {shown}")
     return rows
+
+
+def calibration_needs(args: argparse.Namespace, written: int) -> dict[str, tuple[int, int]]:
+    """Per adapter key, (answer tokens, prompts wanted) for the sections this run measures."""
+    # (e) needs a mix_tokens prompt under each of its adapters.
+    needs = {f"bench{i}@1": (args.mix_tokens, 1) for i in range(args.stream_adapters)}
+    if args.streams_only:
+        return needs
+    # (a)/(b) rows need answers of up to max_tokens under the first adapters; (c)/(d) mix_tokens.
+    per_adapter = -(-args.requests // args.adapters)
+    needs.update({f"bench{i}@1": (args.max_tokens, per_adapter) if i < args.adapters
+                  else (args.mix_tokens, 1) for i in range(written)})
+    needs["bench0@1"] = (max(args.max_tokens, args.mix_tokens), per_adapter)
+    return needs
+
+
+def measure_sections(s: Setup) -> dict[str, Any]:
+    """(a)-(d), after a warm-up of the served path, the raw engine and PEFT."""
+    grpc_streams(s.callers, s.jobs([f"bench{i}@1" for i in s.four], s.lengths), "warm-up")
+    warm = s.ids(["bench0@1"] * 2, [4, 4])
+    engine_run(s.engine, warm, ["bench0@1", None], [4, 4], "warm-up")
+    naive_loop(s.peft, warm[:1], ["a0"], [4])
+    return measure(s)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -501,15 +536,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = answer_lengths(count, args.min_tokens, args.max_tokens)
     four = [i % args.adapters for i in range(count)]
     swap_versions = 1 + args.rounds * (args.loads + args.swaps)
-    # (a)/(b) rows need answers of up to max_tokens under the first adapters; (c)/(d) mix_tokens.
-    per_adapter = -(-count // args.adapters)
-    needs = {f"bench{i}@1": (args.max_tokens, per_adapter) if i < args.adapters
-             else (args.mix_tokens, 1) for i in range(written)}
-    needs["bench0@1"] = (max(args.max_tokens, args.mix_tokens), per_adapter)
+    needs = calibration_needs(args, written)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         adapters = build_adapters_root(base, root, written, args.rank, swap_versions)
-        peft = peft_model_with(base, adapters[:args.adapters], LoadOptions(device))
+        peft = None if args.streams_only else peft_model_with(base, adapters[:args.adapters],
+                                                              LoadOptions(device))
         engine = make_engine(base, adapters, args.max_batch, LoadOptions(device))
         server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, device=device,
@@ -522,11 +554,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"calibrated prompts in {time.perf_counter() - started:.1f} s")
             s = Setup(callers, engine, peft, tokenizer, found, lengths, four, args)
             callers.run(_admin, [("load", f"bench{i}@1", "") for i in range(written)])
-            grpc_streams(callers, s.jobs([f"bench{i}@1" for i in four], lengths), "warm-up")
-            warm = s.ids(["bench0@1"] * 2, [4, 4])
-            engine_run(engine, warm, ["bench0@1", None], [4, 4], "warm-up")
-            naive_loop(peft, warm[:1], ["a0"], [4])
-            results = measure(s)
+            results = {} if args.streams_only else measure_sections(s)
             results["streams"] = stream_rows(s, floors)
         finally:
             callers.close()
@@ -568,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="(d): versions loaded and aliased per hot-swap round")
     parser.add_argument("--swap-requests", type=int, default=6,
                         help="(d): requests per stream, back to back, steady and hot-swap")
+    parser.add_argument("--streams-only", action="store_true",
+                        help="measure (e) alone, without PEFT: on a GPU its naive loop takes "
+                             "about a minute")
     args = parser.parse_args(argv)
     for name in ("requests", "adapters", "rank", "min_tokens", "max_tokens", "mix_tokens",
                  "max_batch", "threads", "rounds", "loads", "swaps", "swap_requests"):

@@ -35,12 +35,30 @@ def test_bench_serving_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None
     assert result["hot_swap"]["steady"]["p99_s"] > 0
 
 
+def test_bench_serving_streams_only_measures_the_streams_alone(run_bench, tiny_base: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    run_bench("bench_serving", [
+        "--base", str(tiny_base), "--work", str(tmp_path), "--out", str(out), "--mix-tokens",
+        "4", "--rounds", "3", "--streams", "2,3", "--stream-adapters", "2", "--device", "cpu",
+        "--streams-only"])
+    result = json.loads(out.read_text())
+
+    assert "runs" not in result and "table" not in result
+    assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [(2, 2), (3, 2)]
+    for row in result["streams"]:
+        rounds = row["rounds_tokens_per_s"]
+        assert len(rounds) == 3 and all(t > 0 for t in rounds)
+        assert row["tokens_per_s"] == sorted(rounds)[1]
+    assert set(result["calibration"]) == {"bench0@1", "bench1@1"}
+
+
 def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
     run_bench("bench_engine", [
         "--base", str(tiny_base), "--out", str(out), "--requests", "4", "--adapters", "2",
         "--min-tokens", "2", "--max-tokens", "4", "--mix-tokens", "4", "--rounds", "1",
-        "--streams", "2,4", "--stream-adapters", "2", "--device", "cpu"])
+        "--streams", "2,4", "--stream-adapters", "2", "--stream-rounds", "2", "--device", "cpu"])
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["graph_capture_s"] is None
     # Decoding ahead is off by default on the CPU; each batch size is also run with it on.
@@ -50,6 +68,9 @@ def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
         # The engine times its own work apart from the model forward; no floor on the CPU.
         assert run["engine_ms_per_step"] > 0 and run["forward_ms_per_step"] > 0
         assert run["floor_ms"] is None and run["vs_floor"] is None
+        # Each row is its median round: of two, the slower.
+        assert len(run["rounds_tokens_per_s"]) == 2
+        assert run["tokens_per_s"] == min(run["rounds_tokens_per_s"])
     assert result["summary"]["engine_vs_naive"] > 0
 
 
