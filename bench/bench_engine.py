@@ -11,7 +11,7 @@ min/max tokens for PEFT and `ignore_eos` for the engine):
       base's captured decode step at that batch (the graph floor) with the ratio to it; then
       over 16 adapters again with decoding ahead switched the other way (on by default on
       CUDA only), as that setting's baseline. Each row runs --stream-rounds times, the rows
-      taking turns, and shows its median round.
+      taking turns, and shows its median round. `--streams-only` measures (5) alone.
 Runs on the machine's device (--device auto). On the CPU the engine times its own intra-op
 threads per forward size at start (`server.engine.cpu_threads`, at most --threads), while PEFT
 runs with --threads, as a script that sets them would; `--threads 1` gives both one thread.
@@ -179,6 +179,7 @@ class StreamRun:
     engine_ms_per_step: float  # step time minus model forward time, per step
     forward_ms_per_step: float
     floor_ms: float | None  # the bare base's captured decode step at this batch (CUDA)
+    prefills: int  # steps that prefilled: 1 when the burst was prefilled in one forward
     rounds_tokens_per_s: tuple[float, ...] = ()  # every round of this row; it shows the median
 
     @property
@@ -199,7 +200,8 @@ def stream_run(engine: Any, prompts: list[list[int]], streams: int, adapters: in
     forward = after.forward_seconds - before.forward_seconds
     own = (after.step_seconds - before.step_seconds) - forward
     return StreamRun(streams, adapters, engine.decodes_ahead, measured.tokens_per_s,
-                     own / steps * 1e3, forward / steps * 1e3, floor_ms)
+                     own / steps * 1e3, forward / steps * 1e3, floor_ms,
+                     after.prefills - before.prefills)
 
 
 def median_round(rounds: list[StreamRun]) -> StreamRun:
@@ -229,7 +231,8 @@ def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace
         runs.extend(median_round(done) for done in rounds)
         engine.decodes_ahead = default
     print(f"\n{'streams':>7} {'adapters':>8} {'ahead':>5} {'tok/s':>9} {'engine ms/step':>15} "
-          f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9}  rounds' tok/s")
+          f"{'forward ms/step':>16} {'floor ms':>9} {'vs floor':>9} {'prefills':>8}  "
+          "rounds' tok/s")
     for run in runs:
         floor = "-" if run.floor_ms is None else f"{run.floor_ms:.2f}"
         ratio = "-" if run.vs_floor is None else f"{run.vs_floor:.2f}"
@@ -237,7 +240,7 @@ def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace
         every = ", ".join(f"{t:.0f}" for t in run.rounds_tokens_per_s)
         print(f"{run.streams:7d} {run.adapters:8d} {ahead:>5} {run.tokens_per_s:9.1f} "
               f"{run.engine_ms_per_step:15.3f} {run.forward_ms_per_step:16.3f} {floor:>9} "
-              f"{ratio:>9}  {every}")
+              f"{ratio:>9} {run.prefills:8d}  {every}")
     return runs
 
 
@@ -280,12 +283,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         adapters = write_adapters(base, Path(tmp), max(count, args.stream_adapters), args.rank)
         four = [i % args.adapters for i in range(count)]
         options = LoadOptions(device, args.quantize)
-        peft = peft_model_with(base, adapters[:count], options)
+        peft = None if args.streams_only else peft_model_with(base, adapters[:count], options)
         engine = make_engine(base, adapters, max(args.max_batch, *args.streams), options)
         try:
             engine_run(engine, prompts[:2], ["bench0@1", None], [4, 4], "warm-up")
-            naive_loop(peft, prompts[:1], ["a0"], [4])
-            results = measure(engine, peft, prompts, lengths, four, tokenizer.pad_token_id, args)
+            results: dict[str, Any] = {}
+            if peft is not None:
+                naive_loop(peft, prompts[:1], ["a0"], [4])
+                results = measure(engine, peft, prompts, lengths, four, tokenizer.pad_token_id,
+                                  args)
             streams = stream_table(engine, prompts, args, floors)
         finally:
             engine.shutdown()
@@ -385,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                              "fastest round")
     parser.add_argument("--stream-rounds", type=int, default=3,
                         help="repeat each stream row; it reports its median round")
+    parser.add_argument("--streams-only", action="store_true",
+                        help="measure (5) alone, without PEFT: on a GPU (1)-(4) take minutes")
     args = parser.parse_args(argv)
     if args.stream_rounds < 1:
         parser.error(f"--stream-rounds must be >= 1, got {args.stream_rounds}")

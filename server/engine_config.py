@@ -34,8 +34,8 @@ class SchedulerConfig:
     # A prefill is one eager forward whose cost barely depends on its rows (40-80 ms on an H200,
     # most of it the host launching kernels): a burst split in two pays it twice.
     burst_window_ms: float = setting(
-        2.0, "when the engine is idle, how long the first new request waits for others sent "
-             "with it, so that they prefill together (0 = none)")
+        2.0, "when requests arrive while no row runs, how long the engine waits after each for "
+             "another, so that a burst prefills together (at most 10 windows; 0 = none)")
 
     def __post_init__(self) -> None:
         require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")

@@ -335,6 +335,7 @@ class Request:
     # many tokens it may produce (its own limit, capped by the context left after its prompt).
     stop_ids: frozenset[int] = frozenset()
     token_limit: int = 0
+    arrival: int = 0  # its place among every request queued, from 1 (set by the scheduler)
 
     @property
     def request_id(self) -> str:

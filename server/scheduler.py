@@ -76,6 +76,7 @@ class Scheduler:
         self._lock = threading.Lock()  # guards `_waiting` and `_wanted` against submitters
         self._waiting: deque[Request] = deque()
         self._wanted: Counter[str] = Counter()  # adapter keys of waiting requests
+        self.arrivals = 0  # requests ever queued: the engine tells new ones from seen ones
         self.running: list[Request] = []
         # Rows are looked at for an abort only after a cancel was noted or once the earliest
         # deadline among them may have passed: most steps have neither, and 64 rows' checks
@@ -111,6 +112,8 @@ class Scheduler:
                     f"the engine queue is full ({self.config.max_queue} requests waiting); "
                     "retry later"
                 )
+            self.arrivals += 1
+            request.arrival = self.arrivals
             self._waiting.append(request)
             if request.spec.adapter is not None:
                 self._wanted[request.spec.adapter] += 1
@@ -154,17 +157,20 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_ERROR
         return taken
 
-    def schedule(self) -> StepPlan:
-        """Running rows first, then admit waiting ones in arrival order while they fit."""
+    def schedule(self, arrivals_seen: int | None = None) -> StepPlan:
+        """Running rows first, then admit waiting ones in arrival order while they fit; only
+        those among the first `arrivals_seen` arrivals when given (later ones wait a step)."""
         room = self.config.max_batch - len(self.running)
         if room <= 0 or not self._waiting:
             return StepPlan(running=tuple(self.running), admitted=())
         admitted: list[Request] = []
         budget = self.config.max_prefill_tokens
+        last = self.arrivals if arrivals_seen is None else arrivals_seen
         with self._lock:
             kept: deque[Request] = deque()
             for request in self._waiting:
-                if room == 0 or (admitted and request.prompt_len > budget):
+                if (room == 0 or request.arrival > last
+                        or (admitted and request.prompt_len > budget)):
                     kept.append(request)
                     continue
                 if not self._admit(request):

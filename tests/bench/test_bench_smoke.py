@@ -68,6 +68,7 @@ def test_bench_engine_smoke(run_bench, tiny_base: Path, tmp_path: Path) -> None:
         # The engine times its own work apart from the model forward; no floor on the CPU.
         assert run["engine_ms_per_step"] > 0 and run["forward_ms_per_step"] > 0
         assert run["floor_ms"] is None and run["vs_floor"] is None
+        assert run["prefills"] >= 1
         # Each row is its median round: of two, the slower.
         assert len(run["rounds_tokens_per_s"]) == 2
         assert run["tokens_per_s"] == min(run["rounds_tokens_per_s"])
@@ -90,3 +91,16 @@ def test_bench_host_work_smoke(run_bench, tmp_path: Path) -> None:
     assert kernels["prefill", "gathered rows (CPU)"] > kernels["prefill", "every slot, per layer"]
     assert [r["form"] for r in result["wakeups"]] == ["a call per reader", "one call per loop"]
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in result["wakeups"])
+
+
+def test_bench_engine_streams_only_measures_the_streams_alone(run_bench, tiny_base: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    run_bench("bench_engine", [
+        "--base", str(tiny_base), "--out", str(out), "--mix-tokens", "4", "--streams", "2",
+        "--stream-adapters", "2", "--stream-rounds", "1", "--device", "cpu", "--streams-only"])
+    result = json.loads(out.read_text())
+
+    assert "runs" not in result and "summary" not in result
+    assert [(r["streams"], r["adapters"]) for r in result["streams"]] == [(2, 2), (2, 1), (2, 2)]
+    assert all(r["tokens_per_s"] > 0 and r["prefills"] >= 1 for r in result["streams"])
