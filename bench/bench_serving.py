@@ -546,7 +546,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = start_in_thread(ServerConfig.build(
             base=str(base), adapters_root=root, port=0, device=device,
             max_batch=max(args.max_batch, *args.streams), context_length=1024,
-            max_loaded_adapters=written + 4, max_lora_rank=64, sessions_db=None))
+            max_loaded_adapters=written + 4, max_lora_rank=64, sessions_db=None,
+            **({} if args.burst_window_ms is None else {"burst_window_ms": args.burst_window_ms})))
         callers = Callers(server.target)
         try:
             started = time.perf_counter()
@@ -596,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="(d): versions loaded and aliased per hot-swap round")
     parser.add_argument("--swap-requests", type=int, default=6,
                         help="(d): requests per stream, back to back, steady and hot-swap")
+    parser.add_argument("--burst-window-ms", type=float, default=None,
+                        help="the server's --burst-window-ms (default: the server's default)")
     parser.add_argument("--streams-only", action="store_true",
                         help="measure (e) alone, without PEFT: on a GPU its naive loop takes "
                              "about a minute")
