@@ -31,17 +31,21 @@ class SchedulerConfig:
     # Always at least one request per step, however long its prompt, so none starves.
     max_prefill_tokens: int = setting(
         4096, "prompt tokens one engine step may prefill (at least one request)")
-    # A prefill is one eager forward whose cost barely depends on its rows (40-80 ms on an H200,
-    # most of it the host launching kernels): a burst split in two pays it twice.
-    burst_window_ms: float = setting(
-        2.0, "when requests arrive while no row runs, how long the engine waits after each for "
-             "another, so that a burst prefills together (at most 10 windows; 0 = none)")
+    # A prefill is one eager forward. On CUDA it costs 40-80 ms whatever its rows (the host
+    # launching kernels), so a burst split in two pays it twice; on the CPU its cost grows with
+    # its tokens, and a longer wait mostly delays.
+    burst_window_ms: float | None = setting(
+        None, "when requests arrive while no row runs, how long the engine waits after each for "
+              "another, so that a burst prefills together (at most 10 windows; 0 = none; "
+              "default: 2 on the CPU, 20 on CUDA)")
 
     def __post_init__(self) -> None:
         require_positive(self, "max_batch", "max_queue", "max_prefill_tokens")
         window = self.burst_window_ms
-        require(is_number(window) and 0 <= window <= MAX_BURST_WINDOW_MS, "burst_window_ms",
-                window, f"a number of milliseconds from 0 to {MAX_BURST_WINDOW_MS}")
+        require(window is None or (is_number(window) and 0 <= window <= MAX_BURST_WINDOW_MS),
+                "burst_window_ms", window,
+                f"a number of milliseconds from 0 to {MAX_BURST_WINDOW_MS}, or None (the "
+                "device's default)")
 
 
 # The context used when neither the setting nor the model (max_position_embeddings) names one.

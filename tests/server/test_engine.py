@@ -561,6 +561,12 @@ def test_decoding_ahead_is_on_by_default_only_on_cuda(engine, ahead):
     assert engine.decodes_ahead is False and ahead.engine.decodes_ahead is True
 
 
+def test_the_burst_window_is_the_devices_unless_set(engine, tiny_base, adapters_root):
+    assert engine.burst_window_ms == engine_core.DEFAULT_BURST_WINDOW_MS["cpu"]
+    set_to = _new_engine(tiny_base, adapters_root, [], burst_window_ms=0.5)
+    assert set_to.burst_window_ms == 0.5
+
+
 def test_decoding_ahead_gives_the_tokens_of_decoding_in_turn(engine, ahead, prompts):
     requests = _mixed_requests(prompts)
     expected = [_collect(h) for h in [engine.submit(r) for r in requests]]
