@@ -125,6 +125,17 @@ def test_queue_full_raises_at_once():
     assert scheduler.num_waiting == 2
 
 
+def test_requests_that_arrive_after_the_engine_looked_wait_for_the_next_step():
+    scheduler = make_scheduler(max_batch=8)
+    for rid in "ab":
+        scheduler.add(make_request(rid))
+    seen = scheduler.arrivals
+    scheduler.add(make_request("c"))
+    assert [seen, scheduler.arrivals] == [2, 3]
+    assert ids(scheduler.schedule(seen).admitted) == ["a", "b"]
+    assert ids(scheduler.schedule(scheduler.arrivals).admitted) == ["c"]
+
+
 def test_running_rows_first_then_waiting_up_to_max_batch():
     scheduler = make_scheduler(max_batch=3)
     for rid in "ab":
