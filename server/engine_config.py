@@ -104,7 +104,9 @@ class EngineConfig:
         require_non_negative(self, "context_length", zero_means="the model's own")
         require_positive(self, "prefill_chunk_tokens", "default_max_new_tokens")
         for name in ("cuda_graphs", "decode_ahead", "tune_cpu_threads"):
-            require(getattr(self, name) in (None, True, False), name, getattr(self, name),
+            value = getattr(self, name)
+            # Not `in (None, True, False)`: 1 == True, and 1 is no answer to a yes/no setting.
+            require(value is None or isinstance(value, bool), name, value,
                     "true, false or None (the device's default)")
         if self.context_length:
             require(self.default_max_new_tokens < self.context_length, "default_max_new_tokens",

@@ -63,6 +63,7 @@ def test_a_setting_name_is_unique_in_the_tree() -> None:
     ("context_length", -1, "context_length must be an integer >= 0 (0 = the model's own)"),
     ("cuda_graphs", "yes", "cuda_graphs must be true, false or None"),
     ("tune_cpu_threads", "yes", "tune_cpu_threads must be true, false or None"),
+    ("cuda_graphs", 1, "cuda_graphs must be true, false or None"),
     ("decode_ahead", "no", "decode_ahead must be true, false or None"),
     ("default_truncation", "shred", "default_truncation must be one of"),
     ("default_max_new_tokens", 10_000, "default_max_new_tokens must be <= max_new_tokens_limit"),
