@@ -10,6 +10,8 @@ import asyncio
 import gc
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -290,9 +292,11 @@ def test_a_failure_while_packing_rows_still_ends_the_requests_that_finished(
         _collect(long)
 
 
-def _bursty_engine(tiny_base: Path, adapters_root: Path, **config: int) -> tuple[Engine,
-                                                                                list[int]]:
-    """A started engine, and the number of requests each of its prefills took, as they run."""
+@contextmanager
+def _bursty_engine(tiny_base: Path, adapters_root: Path,
+                   **config: float) -> Iterator[tuple[Engine, list[int]]]:
+    """A started engine, shut down on leaving, and the number of requests each of its prefills
+    took, as they run."""
     eng = _new_engine(tiny_base, adapters_root, ["alpha@1", "alpha@2", "beta@1"],
                       max_loaded_adapters=4, **config)
     prefills: list[int] = []
@@ -304,7 +308,10 @@ def _bursty_engine(tiny_base: Path, adapters_root: Path, **config: int) -> tuple
 
     eng.runner.prefill = counted
     eng.start()
-    return eng, prefills
+    try:
+        yield eng, prefills
+    finally:
+        eng.shutdown()
 
 
 def _send_spaced(eng: Engine, prompts: list[list[int]], count: int, gap_s: float,
@@ -322,12 +329,10 @@ def test_requests_sent_together_to_an_idle_engine_prefill_in_one_forward(
         tiny_base, adapters_root, prompts):
     """The burst window: the first request waits for the others (sent 5 ms apart here), until
     the batch is full; what does not fit prefills in the next step."""
-    eng, prefills = _bursty_engine(tiny_base, adapters_root, max_batch=4, burst_window_ms=500)
-    try:
+    with _bursty_engine(tiny_base, adapters_root, max_batch=4,
+                        burst_window_ms=500) as (eng, prefills):
         handles = _send_spaced(eng, prompts, 6, 0.005)
         assert all(len(_collect(h)[0]) == 3 for h in handles)
-    finally:
-        eng.shutdown()
     assert prefills == [4, 2]
 
 
@@ -335,12 +340,10 @@ def test_a_burst_longer_than_the_window_prefills_in_one_forward_while_requests_k
         tiny_base, adapters_root, prompts):
     """The window counts from the latest request: five sent 100 ms apart, 400 ms in all, wait
     for each other under a 300 ms window."""
-    eng, prefills = _bursty_engine(tiny_base, adapters_root, max_batch=8, burst_window_ms=300)
-    try:
+    with _bursty_engine(tiny_base, adapters_root, max_batch=8,
+                        burst_window_ms=300) as (eng, prefills):
         handles = _send_spaced(eng, prompts, 5, 0.1)
         assert all(len(_collect(h)[0]) == 3 for h in handles)
-    finally:
-        eng.shutdown()
     assert prefills == [5]
 
 
@@ -348,13 +351,11 @@ def test_a_burst_sent_as_the_last_rows_finish_waits_for_the_rest_of_itself(
         tiny_base, adapters_root, prompts):
     """Sent the moment the last answer ends, while the engine still finishes that step, a
     burst is waited for as one sent to an idle engine is."""
-    eng, prefills = _bursty_engine(tiny_base, adapters_root, max_batch=8, burst_window_ms=300)
-    try:
+    with _bursty_engine(tiny_base, adapters_root, max_batch=8,
+                        burst_window_ms=300) as (eng, prefills):
         _collect(_send_spaced(eng, prompts, 1, 0, tokens=2)[0])
         handles = _send_spaced(eng, prompts, 2, 0.1)
         assert all(len(_collect(h)[0]) == 3 for h in handles)
-    finally:
-        eng.shutdown()
     assert prefills == [1, 2]
 
 
@@ -364,12 +365,10 @@ def test_a_burst_that_keeps_coming_is_waited_for_a_bounded_time(tiny_base, adapt
     ever (ten windows): here two 400 ms windows, so of four sent 300 ms apart the first three
     go."""
     monkeypatch.setattr(engine_core, "BURST_WINDOWS_AT_MOST", 2)
-    eng, prefills = _bursty_engine(tiny_base, adapters_root, max_batch=8, burst_window_ms=400)
-    try:
+    with _bursty_engine(tiny_base, adapters_root, max_batch=8,
+                        burst_window_ms=400) as (eng, prefills):
         handles = _send_spaced(eng, prompts, 4, 0.3, tokens=40)
         assert all(len(_collect(h)[0]) == 40 for h in handles)
-    finally:
-        eng.shutdown()
     assert prefills[0] == 3
 
 
