@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -206,9 +207,9 @@ def stream_run(engine: Any, prompts: list[list[int]], streams: int, adapters: in
 
 def median_round(rounds: list[StreamRun]) -> StreamRun:
     """The round with the median tok/s (the lower of two middles), with every round's tok/s."""
-    ordered = sorted(rounds, key=lambda r: r.tokens_per_s)
-    middle = ordered[(len(ordered) - 1) // 2]
-    return replace(middle, rounds_tokens_per_s=tuple(r.tokens_per_s for r in rounds))
+    every = tuple(r.tokens_per_s for r in rounds)
+    middle = next(r for r in rounds if r.tokens_per_s == statistics.median_low(every))
+    return replace(middle, rounds_tokens_per_s=every)
 
 
 def stream_table(engine: Any, prompts: list[list[int]], args: argparse.Namespace,

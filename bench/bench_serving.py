@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -481,7 +482,7 @@ def stream_rows(s: Setup, floors: dict[int, float]) -> list[dict[str, Any]]:
             done.append(measured.tokens_per_s)
     rows = []
     for streams, done in rounds.items():
-        median = sorted(done)[(len(done) - 1) // 2]
+        median = statistics.median_low(done)
         floor = floors.get(streams)
         ratio = None if floor is None else median / (streams / (floor / 1e3))
         rows.append({"streams": streams, "adapters": s.args.stream_adapters,
